@@ -109,10 +109,10 @@ void smp_free(smp_sampler *s)
 
 int32_t smp_argmax(const float *logits, int64_t n)
 {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (logits[i] > logits[best]) best = i;
-    return (int32_t)best;
+    int64_t best = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (!isnan(logits[i]) && (best < 0 || logits[i] > logits[best])) best = i;
+    return (int32_t)(best < 0 ? 0 : best); /* all NaN: a broken model; 0 is as good as any */
 }
 
 static int cand_desc(const void *a, const void *b)

@@ -41,6 +41,8 @@ def load():
     lib.mdl_decode.argtypes = [vp, i32, C.POINTER(C.c_float), C.POINTER(CmErr)]
     lib.mdl_ctx_logits.restype = C.POINTER(C.c_float)
     lib.mdl_ctx_logits.argtypes = [vp]
+    if not hasattr(lib, "tok_vocab_init"):
+        return lib
     lib.tok_vocab_init.restype = vp
     lib.tok_vocab_init.argtypes = [vp, C.POINTER(CmErr)]
     lib.tok_vocab_free.argtypes = [vp]
