@@ -19,6 +19,10 @@ import numpy as np  # noqa: E402
 import llama_cpp  # noqa: E402
 
 
+def last_logits(llm):
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def corpus_tokens(llm, n):
     import argparse as a1, collections as a2, dataclasses as a3, email.message as a4, http.client as a5, inspect as a6
     text = "".join(inspect.getsource(m) for m in (a1, a2, a3, a4, a5, a6))
@@ -50,11 +54,11 @@ def main():
         # llama.cpp
         llm.reset()
         t0 = time.perf_counter(); llm.eval(ids); tp = time.perf_counter() - t0
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits(llm)))
         t0 = time.perf_counter()
         for _ in range(args.decode):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits(llm)))
         td = time.perf_counter() - t0
         res["llama"] = (n / tp, args.decode / td)
         # ours
