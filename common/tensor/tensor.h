@@ -9,6 +9,9 @@
  *   F32→F32, F16→F16, BF16→BF16, Q4_0/Q5_0/Q8_0→Q8_0, Q4_1/Q5_1→Q8_1, Q*_K→Q8_K.
  * tn_vec_dot() picks the fastest implementation this CPU supports (AVX-512, AVX2+FMA, scalar)
  * once at first use; tn_simd_force() pins one level for tests and benchmarks.
+ *
+ * Rows passed in must start 2-byte aligned (4 for F32 and Q8_K), as GGUF's 32-byte aligned
+ * tensor data and row sizes guarantee; the kernels use unaligned vector loads otherwise.
  */
 #ifndef TN_TENSOR_H
 #define TN_TENSOR_H

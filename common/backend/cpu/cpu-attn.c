@@ -19,7 +19,7 @@
 #include <string.h>
 
 #define QB 16  /* query rows per item */
-#define KT 64  /* keys per tile */
+#define KT 64  /* keys per tile (tile_scores is written for 64) */
 #define MAX_G 16 /* largest GQA group supported */
 #define MAX_D 256
 
@@ -50,7 +50,7 @@ size_t cpu_attn_scratch_size(const cpu_attn_shape *s, int n_threads, int64_t n_t
     int64_t n_qblk = (n_tok + QB - 1) / QB;
     int64_t max_split = 4 * (int64_t)n_threads;
     int64_t n_items = n_qblk * s->n_head_kv * (n_qblk == 1 ? max_split : 1);
-    size_t tls = sizeof(float) * ((size_t)KT * d * 2 + (size_t)QB * G * d + KT) + 256;
+    size_t tls = sizeof(float) * ((size_t)KT * d * 3 + (size_t)QB * G * d + KT) + 256;
     return sizeof(float) * (size_t)n_items * part_floats(G, d) + tls * (size_t)n_threads + 256;
 }
 
@@ -85,7 +85,65 @@ static void load_tile(const struct attn_job *j, int g, int64_t k0, int nk, float
     }
 }
 
-static void attn_item(struct attn_job *j, int64_t item, float *kt, float *vt, float *qr, float *sc)
+/* sc[i] = q · k_i for the n ≤ KT keys of a transposed tile ktT[d][KT]. */
+static void tile_scores(const float *q, const float *ktT, int d, int n, float *sc)
+{
+#if CPU_HAVE_AVX2
+    /* all KT/8 accumulators, padded keys included: a constant trip count keeps them in registers */
+    (void)n;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+    for (int e = 0; e < d; e++) {
+        __m256 qe = _mm256_set1_ps(q[e]);
+        const float *row = ktT + (size_t)e * KT;
+        s0 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(row + 0), s0);
+        s1 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(row + 8), s1);
+        s2 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(row + 16), s2);
+        s3 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(row + 24), s3);
+        s4 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(row + 32), s4);
+        s5 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(row + 40), s5);
+        s6 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(row + 48), s6);
+        s7 = _mm256_fmadd_ps(qe, _mm256_loadu_ps(row + 56), s7);
+    }
+    _mm256_storeu_ps(sc + 0, s0);
+    _mm256_storeu_ps(sc + 8, s1);
+    _mm256_storeu_ps(sc + 16, s2);
+    _mm256_storeu_ps(sc + 24, s3);
+    _mm256_storeu_ps(sc + 32, s4);
+    _mm256_storeu_ps(sc + 40, s5);
+    _mm256_storeu_ps(sc + 48, s6);
+    _mm256_storeu_ps(sc + 56, s7);
+#else
+    for (int i = 0; i < n; i++) sc[i] = 0.0f;
+    for (int e = 0; e < d; e++)
+        for (int i = 0; i < n; i++) sc[i] += q[e] * ktT[(size_t)e * KT + i];
+#endif
+}
+
+/* acc[0..d) = acc * corr + sum_i p[i] * v_i, accumulating 64 dims at a time in registers. */
+static void tile_pv(float *acc, float corr, const float *p, const float *vt, int d, int n)
+{
+#if CPU_HAVE_AVX2
+    if (d % 64 == 0) {
+        __m256 c = _mm256_set1_ps(corr);
+        for (int e0 = 0; e0 < d; e0 += 64) {
+            __m256 a[8];
+            for (int k = 0; k < 8; k++) a[k] = _mm256_mul_ps(c, _mm256_loadu_ps(acc + e0 + 8 * k));
+            for (int i = 0; i < n; i++) {
+                __m256 pi = _mm256_set1_ps(p[i]);
+                const float *v = vt + (size_t)i * d + e0;
+                for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(pi, _mm256_loadu_ps(v + 8 * k), a[k]);
+            }
+            for (int k = 0; k < 8; k++) _mm256_storeu_ps(acc + e0 + 8 * k, a[k]);
+        }
+        return;
+    }
+#endif
+    for (int e = 0; e < d; e++) acc[e] *= corr;
+    for (int i = 0; i < n; i++) cpu_axpy(acc, p[i], vt + (size_t)i * d, d);
+}
+
+static void attn_item(struct attn_job *j, int64_t item, float *kt, float *vt, float *ktT, float *qr,
+                      float *sc)
 {
     const cpu_attn_shape *s = j->s;
     int G = j->G, d = j->d;
@@ -116,6 +174,12 @@ static void attn_item(struct attn_job *j, int64_t item, float *kt, float *vt, fl
     for (int64_t k0 = k_lo; k0 < k_hi; k0 += KT) {
         int nk = (int)CM_MIN(KT, k_hi - k0);
         load_tile(j, g, k0, nk, kt, vt);
+        /* transpose keys to [d][KT] (zero-padded) so scores of 8 keys come from one FMA chain */
+        for (int e = 0; e < d; e++) {
+            float *row = ktT + (size_t)e * KT;
+            for (int i = 0; i < nk; i++) row[i] = kt[(size_t)i * d + e];
+            for (int i = nk; i < KT; i++) row[i] = 0.0f;
+        }
         for (int r = 0; r < nr; r++) {
             int64_t p = j->pos0 + t_lo + r; /* this row sees keys ≤ p */
             if (k0 > p) continue;
@@ -123,20 +187,16 @@ static void attn_item(struct attn_job *j, int64_t item, float *kt, float *vt, fl
             for (int h = 0; h < G; h++) {
                 const float *qv = qr + ((size_t)r * G + h) * d;
                 float *pm = part + ((size_t)r * G + h) * (d + 2);
+                tile_scores(qv, ktT, d, n, sc);
                 float mx = -INFINITY;
-                for (int i = 0; i < n; i++) {
-                    sc[i] = cpu_dot_f32(qv, kt + (size_t)i * d, d);
+                for (int i = 0; i < n; i++)
                     if (sc[i] > mx) mx = sc[i];
-                }
                 float m_new = mx > pm[0] ? mx : pm[0];
                 float corr = pm[0] == -INFINITY ? 0.0f : expf(pm[0] - m_new);
                 float sum = cpu_exp_sub_sum(sc, sc, m_new, n);
                 pm[1] = pm[1] * corr + sum;
                 pm[0] = m_new;
-                float *acc = pm + 2;
-                if (corr != 1.0f)
-                    for (int e = 0; e < d; e++) acc[e] *= corr;
-                for (int i = 0; i < n; i++) cpu_axpy(acc, sc[i], vt + (size_t)i * d, d);
+                tile_pv(pm + 2, corr, sc, vt, d, n);
             }
         }
     }
@@ -149,12 +209,13 @@ static void attn_worker(void *p, int ith, int nth)
     char *tls = j->tls + (size_t)ith * j->tls_bytes;
     float *kt = (float *)tls;
     float *vt = kt + (size_t)KT * j->d;
-    float *qr = vt + (size_t)KT * j->d;
+    float *ktT = vt + (size_t)KT * j->d;
+    float *qr = ktT + (size_t)KT * j->d;
     float *sc = qr + (size_t)QB * j->G * j->d;
     for (;;) {
         int64_t it = atomic_fetch_add_explicit(&j->next, 1, memory_order_relaxed);
         if (it >= j->n_items) break;
-        attn_item(j, it, kt, vt, qr, sc);
+        attn_item(j, it, kt, vt, ktT, qr, sc);
     }
 }
 
@@ -219,7 +280,7 @@ void cpu_attn_dense(cm_pool *pool, const cpu_attn_shape *s, const cpu_rope *rope
     j.part = (float *)(((uintptr_t)scratch + 63) & ~(uintptr_t)63);
     size_t part_bytes = sizeof(float) * (size_t)j.n_items * part_floats(G, d);
     j.tls = (char *)j.part + ((part_bytes + 63) & ~(size_t)63);
-    j.tls_bytes = (sizeof(float) * ((size_t)KT * d * 2 + (size_t)QB * G * d + KT) + 63) & ~(size_t)63;
+    j.tls_bytes = (sizeof(float) * ((size_t)KT * d * 3 + (size_t)QB * G * d + KT) + 63) & ~(size_t)63;
     cm_pool_run(pool, attn_worker, &j);
     cm_pool_run(pool, attn_merge, &j);
 }
