@@ -58,8 +58,8 @@ def tiny_gguf(path, arch="llama", embd_type=None):
         w.add_tensor("token_embd.weight", rng.standard_normal((V, E)).astype(np.float32))
     else:
         qt, bs, ts = embd_type
-        nbytes = (E // bs) * ts * V
-        w.add_tensor("token_embd.weight", np.zeros(nbytes, dtype=np.uint8), raw_shape=(V, E), raw_dtype=qt)
+        row = (E // bs) * ts
+        w.add_tensor("token_embd.weight", np.zeros((V, row), dtype=np.uint8), raw_shape=(V, row), raw_dtype=qt)
     w.add_tensor("output_norm.weight", np.ones(E, dtype=np.float32))
     for n, shape in [("attn_norm", (E,)), ("ffn_norm", (E,)), ("attn_q", (E, E)), ("attn_k", (32, E)),
                      ("attn_v", (32, E)), ("attn_output", (E, E)), ("ffn_gate", (F, E)), ("ffn_up", (F, E)),
@@ -87,8 +87,8 @@ with tempfile.TemporaryDirectory() as td:
     expect_error("empty file", ["info", "-m", P(td, "empty.gguf")], "gguf")
     tiny_gguf(P(td, "gpt2.gguf"), arch="gpt2")
     expect_error("unsupported architecture", ["generate", "-m", P(td, "gpt2.gguf"), "-p", "hi"], "gpt2")
-    tiny_gguf(P(td, "iq2.gguf"), embd_type=(gguf.GGMLQuantizationType.IQ2_XXS, 256, 66))
-    expect_error("unsupported quantisation", ["generate", "-m", P(td, "iq2.gguf"), "-p", "hi"], "IQ2_XXS")
+    tiny_gguf(P(td, "iq4.gguf"), embd_type=(gguf.GGMLQuantizationType.IQ4_NL, 32, 18))
+    expect_error("unsupported quantisation", ["generate", "-m", P(td, "iq4.gguf"), "-p", "hi"], "IQ4_NL")
 
     M = ["-m", MODEL]
     expect_error("prompt longer than ctx", ["generate"] + M + ["--ctx", "16", "-p", "word " * 40], "--ctx")
