@@ -439,3 +439,67 @@ void tn_dot_table_avx2(tn_dot_fn t[TN_TYPE_MAX])
     t[TN_Q5_K] = tn_dot_q5_K_avx2;
     t[TN_Q6_K] = tn_dot_q6_K_avx2;
 }
+
+/* ---- one weight row × up to 4 activation rows (prefill) ----------------------------------- */
+/*
+ * Prefill multiplies every weight row with many tokens: unpacking a row's quants and loading its
+ * scales once per block for 4 tokens instead of once per token saves a third of the work of
+ * the hot Q4_1 and Q8_0 kernels. Results equal tn_vec_dot's up to float summation order.
+ */
+#define TN_X4_ACT(t) ((const void *)((const char *)a + (size_t)(t) * a_stride))
+
+static void tn_dot4_q4_1_avx2(int64_t n, const void *w, const void *a, size_t a_stride, int n_act,
+                              float *out)
+{
+    const tn_block_q4_1 *x = w;
+    const tn_block_q8_1 *y[4];
+    __m256 acc[4];
+    float accm[4] = {0, 0, 0, 0};
+    for (int t = 0; t < 4; t++) {
+        y[t] = TN_X4_ACT(t < n_act ? t : 0);
+        acc[t] = _mm256_setzero_ps();
+    }
+    const int64_t nb = n / 32;
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256i q = tn_nibbles32(x[i].qs);
+        const __m128 dm = tn_h2x2(&x[i].d); /* d, m */
+        const float wd = _mm_cvtss_f32(dm), wm = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        for (int t = 0; t < 4; t++) {
+            const __m128 ds = tn_h2x2(&y[t][i].d); /* d, s */
+            const __m256i p = tn_dot_us(q, _mm256_loadu_si256((const __m256i *)y[t][i].qs));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(wd * _mm_cvtss_f32(ds)), _mm256_cvtepi32_ps(p), acc[t]);
+            accm[t] += wm * _mm_cvtss_f32(_mm_movehdup_ps(ds));
+        }
+    }
+    for (int t = 0; t < n_act; t++) out[t] = tn_hsum8(acc[t]) + accm[t];
+}
+
+static void tn_dot4_q8_0_avx2(int64_t n, const void *w, const void *a, size_t a_stride, int n_act,
+                              float *out)
+{
+    const tn_block_q8_0 *x = w;
+    const tn_block_q8_0 *y[4];
+    __m256 acc[4];
+    for (int t = 0; t < 4; t++) {
+        y[t] = TN_X4_ACT(t < n_act ? t : 0);
+        acc[t] = _mm256_setzero_ps();
+    }
+    const int64_t nb = n / 32;
+    for (int64_t i = 0; i < nb; i++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)x[i].qs);
+        const __m256i aq = _mm256_abs_epi8(q);
+        const float wd = tn_fp16_to_fp32(x[i].d);
+        for (int t = 0; t < 4; t++) {
+            const __m256i p = tn_dot_us(aq, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)y[t][i].qs), q));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(wd * tn_fp16_to_fp32(y[t][i].d)), _mm256_cvtepi32_ps(p), acc[t]);
+        }
+    }
+    for (int t = 0; t < n_act; t++) out[t] = tn_hsum8(acc[t]);
+}
+#undef TN_X4_ACT
+
+void tn_dot4_table_avx2(tn_dot4_fn table[TN_TYPE_MAX])
+{
+    table[TN_Q4_1] = tn_dot4_q4_1_avx2;
+    table[TN_Q8_0] = tn_dot4_q8_0_avx2;
+}

@@ -191,6 +191,9 @@ typedef tn_vec_dot_fn tn_dot_fn;
  * AVX512-VNNI flavour of the AVX-512 kernels. */
 void tn_dot_table_scalar(tn_dot_fn table[TN_TYPE_MAX]);
 void tn_dot_table_avx2(tn_dot_fn table[TN_TYPE_MAX]);
+typedef tn_vec_dot4_fn tn_dot4_fn;
+/* Multi-activation kernels (AVX2) for the types that have one; others use a generic loop. */
+void tn_dot4_table_avx2(tn_dot4_fn table[TN_TYPE_MAX]);
 void tn_dot_table_avx512(tn_dot_fn table[TN_TYPE_MAX], bool vnni);
 
 /* Unpack the 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block. */

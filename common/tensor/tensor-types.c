@@ -123,6 +123,7 @@ static pthread_once_t tn_once = PTHREAD_ONCE_INIT;
 static int tn_cpu_level;                 /* best level the CPU supports */
 static _Atomic int tn_level;             /* level in effect */
 static tn_dot_fn tn_dots[3][TN_TYPE_MAX]; /* per level, already overlaid */
+static tn_dot4_fn tn_dot4s[TN_TYPE_MAX];  /* AVX2 multi-activation kernels (AVX2 and above) */
 
 static void tn_simd_init(void)
 {
@@ -138,6 +139,7 @@ static void tn_simd_init(void)
     for (int i = 0; i < TN_TYPE_MAX; i++)
         if (over[i]) t[i] = over[i];
     memcpy(tn_dots[TN_SIMD_AVX2], t, sizeof(t));
+    tn_dot4_table_avx2(tn_dot4s);
 
     __builtin_cpu_init();
     const char *no_vnni = getenv("IHIP_TN_NO_VNNI");
@@ -157,6 +159,12 @@ static void tn_simd_init(void)
     }
     tn_cpu_level = level;
     atomic_store(&tn_level, level);
+}
+
+tn_vec_dot4_fn tn_vec_dot4_func(int type)
+{
+    if (type < 0 || type >= TN_TYPE_MAX || tn_simd_level() < TN_SIMD_AVX2) return NULL;
+    return tn_dot4s[type];
 }
 
 int tn_simd_level(void)

@@ -75,6 +75,13 @@ CM_API float tn_vec_dot(int type, int64_t n, const void *w, const void *a);
  * per-call dispatch in hot loops; re-fetch after tn_simd_force). NULL if the type has no dot. */
 typedef float (*tn_vec_dot_fn)(int64_t n, const void *w, const void *a);
 CM_API tn_vec_dot_fn tn_vec_dot_func(int type);
+/* One weight row dotted with n_act (1..4) activation rows at a, a + a_stride, ... (bytes):
+ * out[k] = tn_vec_dot(type, n, w, a_k) up to float summation order. Prefill's matmul uses it to
+ * unpack each weight block once for several tokens. NULL when the type (or the SIMD level in
+ * effect) has no such kernel: then call the single dot per activation row. */
+typedef void (*tn_vec_dot4_fn)(int64_t n, const void *w, const void *a, size_t a_stride, int n_act,
+                               float *out);
+CM_API tn_vec_dot4_fn tn_vec_dot4_func(int type);
 
 /* Quantise n floats into any supported weight type (a multiple of its block) with a plain
  * round-to-nearest quantiser — not llama.cpp's error-minimising search. For tests and synthetic

@@ -29,6 +29,21 @@ static int n_pass, n_fail;
         }                                                                                          \
     } while (0)
 
+/* gap between the two largest logits */
+static float top2_gap(const float *a, int64_t n)
+{
+    float b1 = -INFINITY, b2 = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        if (a[i] > b1) {
+            b2 = b1;
+            b1 = a[i];
+        } else if (a[i] > b2) {
+            b2 = a[i];
+        }
+    }
+    return b1 - b2;
+}
+
 static float max_abs_diff(const float *a, const float *b, int64_t n)
 {
     float m = 0;
@@ -104,16 +119,19 @@ int main(void)
     CHECK(mdl_prefill(c, prompt, 39, NULL, NULL, NULL, &err) == 0, "prefill 39");
     CHECK(mdl_decode(c, prompt[39], b, &err) == 0, "decode");
     float d1 = max_abs_diff(a, b, V);
-    CHECK(d1 < 1.5f && smp_argmax(a, V) == smp_argmax(b, V), "prefill+decode vs prefill: %g", d1);
+    /* the argmax must agree unless the top two are within the noise (a numerical tie) */
+    bool tie = top2_gap(a, V) < 0.5f;
+    CHECK(d1 < 1.5f && (tie || smp_argmax(a, V) == smp_argmax(b, V)), "prefill+decode vs prefill: %g", d1);
     mdl_ctx_free(c);
     p.n_chunk = 7;
     c = mdl_ctx_init(m, &p, &err);
     int calls = 0;
     CHECK(c && mdl_prefill(c, prompt, 40, b, NULL, NULL, &err) == 0, "chunked prefill");
     float d2 = max_abs_diff(a, b, V);
-    CHECK(d2 < 1.5f && smp_argmax(a, V) == smp_argmax(b, V), "chunk 7 vs 256: %g", d2);
+    CHECK(d2 < 1.5f && (tie || smp_argmax(a, V) == smp_argmax(b, V)), "chunk 7 vs 256: %g", d2);
     (void)calls;
-    printf("prefill+decode vs prefill: max |dlogit| %.4f; chunk 7 vs one chunk: %.4f\n", d1, d2);
+    printf("prefill+decode vs prefill: max |dlogit| %.4f; chunk 7 vs one chunk: %.4f (top-2 gap %.3f)\n",
+           d1, d2, top2_gap(a, V));
 
     /* context full on decode */
     mdl_ctx_reset(c);

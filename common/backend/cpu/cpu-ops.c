@@ -60,15 +60,27 @@ static void mm_compute(void *p, int ith, int nth)
     lo *= MM_ROWS;
     hi = CM_MIN(hi * MM_ROWS, w->n_out);
     const char *wd = w->data;
+    tn_vec_dot_fn dot = tn_vec_dot_func(w->type);
+    tn_vec_dot4_fn dot4 = j->n_tok >= 4 ? tn_vec_dot4_func(w->type) : NULL;
     for (int64_t r0 = lo; r0 < hi; r0 += MM_ROWS) {
         int64_t r1 = CM_MIN(r0 + MM_ROWS, hi);
         for (int64_t t0 = 0; t0 < j->n_tok; t0 += MM_TOKS) {
             int64_t t1 = CM_MIN(t0 + MM_TOKS, j->n_tok);
-            for (int64_t t = t0; t < t1; t++) {
+            int64_t t = t0;
+            if (dot4) {
+                float o[4];
+                for (; t + 4 <= t1; t += 4) {
+                    const char *a = j->act + t * j->act_stride;
+                    for (int64_t r = r0; r < r1; r++) {
+                        dot4(w->n_in, wd + r * w->row_bytes, a, j->act_stride, 4, o);
+                        for (int k = 0; k < 4; k++) j->y[(t + k) * w->n_out + r] = o[k];
+                    }
+                }
+            }
+            for (; t < t1; t++) {
                 const char *a = j->act + t * j->act_stride;
                 float *yt = j->y + t * w->n_out;
-                for (int64_t r = r0; r < r1; r++)
-                    yt[r] = tn_vec_dot(w->type, w->n_in, wd + r * w->row_bytes, a);
+                for (int64_t r = r0; r < r1; r++) yt[r] = dot(w->n_in, wd + r * w->row_bytes, a);
             }
         }
     }
