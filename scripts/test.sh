@@ -31,7 +31,7 @@ fi
 echo "== asan+ubsan build (unit tests)"
 if "$ROOT/scripts/build.sh" "$ROOT/build-asan" -DIHIP_CUDA=OFF -DIHIP_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo; then
     (cd build-asan && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
-        ctest -j"$J" --output-on-failure -R '^unit/' --timeout 900) 2>&1 | tee build-asan/ctest.log
+        ctest -j"$J" --output-on-failure -R '^(unit|kvstore)/' --timeout 900) 2>&1 | tee build-asan/ctest.log
     count build-asan/ctest.log
 else
     failed=$((failed + 1))
