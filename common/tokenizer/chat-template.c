@@ -33,7 +33,8 @@ static void sb_add(sbuf *b, const char *s, size_t n)
     if (b->oom) return;
     if (b->n + n + 1 > b->cap) {
         size_t nc = b->cap ? b->cap : 256;
-        while (nc < b->n + n + 1) nc *= 2;
+        while (nc < b->n + n + 1)
+            nc *= 2;
         char *q = realloc(b->p, nc);
         if (!q) {
             b->oom = true;
@@ -70,8 +71,10 @@ int tok_chat_detect(const gguf_file *f, cm_err *err)
     if (find_in(t, "<|im_start|>", 0)) return TOK_CHAT_CHATML;
     if (find_in(t, "<|start_header_id|>", 0)) return TOK_CHAT_LLAMA3;
     if (find_in(t, "[INST]", 0)) return TOK_CHAT_MISTRAL;
-    return cm_err_set(err, -CM_EUNSUPPORTED, "unknown chat template (%zu bytes): no ChatML, "
-                      "Llama-3 or Mistral markers", (size_t)t.len);
+    return cm_err_set(err, -CM_EUNSUPPORTED,
+                      "unknown chat template (%zu bytes): no ChatML, "
+                      "Llama-3 or Mistral markers",
+                      (size_t)t.len);
 }
 
 /* The default system message of a ChatML template: the text between "<|im_start|>system\n" and
@@ -143,7 +146,8 @@ static void sb_trimmed(sbuf *b, const char *s)
     }
     while (hi > lo) {
         size_t k = hi - 1; /* start of the last character */
-        while (k > lo && (u[k] & 0xC0) == 0x80) k--;
+        while (k > lo && (u[k] & 0xC0) == 0x80)
+            k--;
         int l;
         uint32_t c = tok_utf8_decode(u + k, hi - k, &l);
         if (!py_isspace(c)) break;

@@ -71,8 +71,8 @@ int tok_bpe_init(tok_vocab *v, const gguf_str *merges, uint64_t n_merges, cm_err
     int32_t cap = 0;
     char *tmp = NULL;
     size_t tmp_cap = 0;
-    if (n_merges > INT32_MAX / 4) return cm_err_set(err, -CM_ELIMIT, "too many merges (%llu)",
-                                                    (unsigned long long)n_merges);
+    if (n_merges > INT32_MAX / 4)
+        return cm_err_set(err, -CM_ELIMIT, "too many merges (%llu)", (unsigned long long)n_merges);
     if (tok_map_init(&v->sym_map, (size_t)n_merges * 2 + 512) < 0) goto nomem;
 
     for (int b = 0; b < 256; b++) {
@@ -82,7 +82,8 @@ int tok_bpe_init(tok_vocab *v, const gguf_str *merges, uint64_t n_merges, cm_err
     }
 
     v->merge_cap = 16;
-    while (v->merge_cap < n_merges * 2) v->merge_cap *= 2;
+    while (v->merge_cap < n_merges * 2)
+        v->merge_cap *= 2;
     v->merges = calloc(v->merge_cap, sizeof(*v->merges));
     if (!v->merges) goto nomem;
 
@@ -113,7 +114,8 @@ int tok_bpe_init(tok_vocab *v, const gguf_str *merges, uint64_t n_merges, cm_err
         uint64_t key = merge_key(l, r);
         size_t mask = v->merge_cap - 1;
         size_t k = merge_slot(key, mask);
-        while (v->merges[k].key != 0 && v->merges[k].key != key) k = (k + 1) & mask;
+        while (v->merges[k].key != 0 && v->merges[k].key != key)
+            k = (k + 1) & mask;
         if (v->merges[k].key == 0) /* the first rank of a duplicated merge wins */
             v->merges[k] = (tok_merge_slot){.key = key, .rank = (int32_t)i, .merged = m};
     }
@@ -145,9 +147,9 @@ void tok_bpe_free(tok_vocab *v)
 /* ---- encode -------------------------------------------------------------------------------- */
 
 typedef struct heap_ent {
-    uint64_t key;   /* rank << 32 | left position: the pop order */
-    int32_t right;  /* position of the right symbol */
-    int32_t lsym;   /* the symbols when pushed (stale if either changed) */
+    uint64_t key;  /* rank << 32 | left position: the pop order */
+    int32_t right; /* position of the right symbol */
+    int32_t lsym;  /* the symbols when pushed (stale if either changed) */
     int32_t rsym;
     int32_t merged;
 } heap_ent;
@@ -170,14 +172,15 @@ typedef struct bpe_state {
     size_t word_n, word_cap;
 } bpe_state;
 
-#define CACHE_MAX_WORD 64      /* bytes; longer words are rare and not worth keeping */
+#define CACHE_MAX_WORD 64 /* bytes; longer words are rare and not worth keeping */
 #define CACHE_MAX_ENTRIES (1u << 20)
 
 static int grow(void **p, size_t *cap, size_t need, size_t elem)
 {
     if (need <= *cap) return 0;
     size_t nc = *cap ? *cap : 64;
-    while (nc < need) nc *= 2;
+    while (nc < need)
+        nc *= 2;
     void *q = realloc(*p, nc * elem);
     if (!q) return -ENOMEM;
     *p = q;
@@ -243,7 +246,10 @@ static int try_pair(const tok_vocab *v, bpe_state *st, int32_t l, int32_t r)
     const tok_merge_slot *m = merge_find(v, st->sym[l], st->sym[r]);
     if (!m) return 0;
     heap_ent e = {.key = ((uint64_t)(uint32_t)m->rank << 32) | (uint32_t)l,
-                  .right = r, .lsym = st->sym[l], .rsym = st->sym[r], .merged = m->merged};
+                  .right = r,
+                  .lsym = st->sym[l],
+                  .rsym = st->sym[r],
+                  .merged = m->merged};
     return heap_push(st, e);
 }
 
@@ -255,7 +261,8 @@ static int bpe_word(const tok_vocab *v, bpe_state *st, const uint8_t *w, size_t 
     if (n > INT32_MAX) return -CM_ELIMIT;
     if (n > st->cap) {
         size_t nc = st->cap ? st->cap : 256;
-        while (nc < n) nc *= 2;
+        while (nc < n)
+            nc *= 2;
         int32_t *a = realloc(st->sym, nc * sizeof(int32_t));
         if (!a) return -ENOMEM;
         st->sym = a;
@@ -294,8 +301,7 @@ static int bpe_word(const tok_vocab *v, bpe_state *st, const uint8_t *w, size_t 
 static int cache_put(bpe_state *st, const char *w, size_t n)
 {
     if (st->cache.count >= CACHE_MAX_ENTRIES) return 0;
-    if (grow((void **)&st->cache_at, &st->cache_cap, 2 * (st->cache_n + 1), sizeof(uint32_t)) <
-            0 ||
+    if (grow((void **)&st->cache_at, &st->cache_cap, 2 * (st->cache_n + 1), sizeof(uint32_t)) < 0 ||
         grow((void **)&st->cache_ids, &st->cache_ids_cap, st->cache_ids_n + st->word_n,
              sizeof(int32_t)) < 0)
         return -ENOMEM;
@@ -352,17 +358,21 @@ int tok_bpe_encode(const tok_vocab *v, const char *text, size_t len, tok_out *ou
             int32_t e = tok_map_get(&st.cache, w, n);
             if (e >= 0) {
                 const int32_t *ids = st.cache_ids + st.cache_at[2 * e];
-                for (uint32_t i = 0; i < st.cache_at[2 * e + 1]; i++) tok_out_push(out, ids[i]);
+                for (uint32_t i = 0; i < st.cache_at[2 * e + 1]; i++)
+                    tok_out_push(out, ids[i]);
                 continue;
             }
         }
         if ((rc = bpe_word(v, &st, (const uint8_t *)w, n)) < 0) goto out;
-        for (size_t i = 0; i < st.word_n; i++) tok_out_push(out, st.word_ids[i]);
+        for (size_t i = 0; i < st.word_n; i++)
+            tok_out_push(out, st.word_ids[i]);
         if (st.use_cache && n <= CACHE_MAX_WORD && (rc = cache_put(&st, w, n)) < 0) goto out;
     }
 out:
-    if (rc == -ENOMEM) cm_err_set(err, rc, "out of memory while tokenizing");
-    else if (rc < 0) cm_err_set(err, rc, "tokenizing failed: %s", cm_strerror(rc));
+    if (rc == -ENOMEM)
+        cm_err_set(err, rc, "out of memory while tokenizing");
+    else if (rc < 0)
+        cm_err_set(err, rc, "tokenizing failed: %s", cm_strerror(rc));
     free(words);
     free(st.sym);
     free(st.nxt);

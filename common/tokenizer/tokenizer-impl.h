@@ -45,6 +45,8 @@ bool tok_ucd_is_space(uint32_t cp);
 /* Decode one code point of valid UTF-8 at s (n bytes available, n >= 1); *len gets its length.
  * Only for text that passed tok_utf8_validate. */
 uint32_t tok_utf8_decode(const uint8_t *s, size_t n, int *len);
+/* Length of the valid UTF-8 sequence at s (n >= 1 bytes left), or 0 if none starts there. */
+int tok_utf8_seq_len(const uint8_t *s, size_t n);
 /* Encode cp as UTF-8 into out (4 bytes room); returns the length. */
 int tok_utf8_encode(uint32_t cp, char *out);
 
@@ -106,8 +108,7 @@ enum tok_pre {
 /* Split text[0..len) (valid UTF-8) into pre-tokens. Writes the byte length of each word to
  * *words (malloc'd, grown as needed; *cap_words its capacity) and returns the word count, or
  * -ENOMEM. */
-int64_t tok_pretokenize(int pre, const char *text, size_t len, uint32_t **words,
-                        size_t *cap_words);
+int64_t tok_pretokenize(int pre, const char *text, size_t len, uint32_t **words, size_t *cap_words);
 
 /* ---- the vocabulary ----------------------------------------------------------------------- */
 
@@ -128,9 +129,9 @@ struct tok_vocab {
     char *text;
     uint32_t *text_off;
     uint32_t *text_len;
-    float *score;   /* SPM scores (0 when absent) */
-    uint8_t *attr;  /* enum tok_attr, 0 = undefined */
-    uint8_t *eog;   /* 1 for end-of-generation tokens */
+    float *score;    /* SPM scores (0 when absent) */
+    uint8_t *attr;   /* enum tok_attr, 0 = undefined */
+    uint8_t *eog;    /* 1 for end-of-generation tokens */
     tok_map tok_map; /* text -> id (a duplicated text maps to its last id, as llama.cpp) */
 
     int32_t bos, eos, eot, eom, unk;
@@ -139,6 +140,8 @@ struct tok_vocab {
     /* special tokens (control, user-defined, unknown) by text length, longest first */
     int32_t *special;
     int32_t n_special;
+    int32_t n_user_defined; /* how many of them are user-defined (split even without
+                               parse_special) */
     /* first-byte buckets into special[]: special_first[b] .. special_first[b+1] index
      * special_by_byte, which lists special[] positions in order */
     int32_t special_first[257];
@@ -150,10 +153,10 @@ struct tok_vocab {
     uint32_t *piece_len;
 
     /* BPE: interned symbol strings (merge operands and results, byte characters) */
-    tok_map sym_map;      /* string -> sym */
-    uint32_t *sym_off;    /* into sym_map.keys */
+    tok_map sym_map;   /* string -> sym */
+    uint32_t *sym_off; /* into sym_map.keys */
     uint32_t *sym_len;
-    int32_t *sym_tok;     /* the token with the symbol's text, or -1 */
+    int32_t *sym_tok; /* the token with the symbol's text, or -1 */
     int32_t n_sym;
     int32_t byte_sym[256]; /* symbol of each byte's GPT-2 character */
     tok_merge_slot *merges;
@@ -171,8 +174,8 @@ void tok_bpe_free(tok_vocab *v);
 
 /* SentencePiece-style tokenization of one fragment: text is the raw fragment; add_prefix puts
  * a space before it. Returns 0 or a negative code. */
-int tok_spm_encode(const tok_vocab *v, const char *text, size_t len, bool add_prefix,
-                   tok_out *out, cm_err *err);
+int tok_spm_encode(const tok_vocab *v, const char *text, size_t len, bool add_prefix, tok_out *out,
+                   cm_err *err);
 
 static inline const char *tok_vtext(const tok_vocab *v, int32_t id)
 {

@@ -87,10 +87,10 @@ static int split_gpt2(const ctx *c, size_t lo, size_t hi, segs *out)
 #define CP(i) cp_at(cp, (i), hi)
     size_t pos = lo, prev = lo;
     int rc = 0;
-#define EMIT(end)                                                                              \
-    do {                                                                                       \
-        if ((rc = segs_push(out, (end) - prev)) < 0) return rc;                                \
-        prev = (end);                                                                          \
+#define EMIT(end)                                                                                  \
+    do {                                                                                           \
+        if ((rc = segs_push(out, (end)-prev)) < 0) return rc;                                      \
+        prev = (end);                                                                              \
     } while (0)
     while (pos < hi) {
         uint32_t ch = cp[pos];
@@ -115,24 +115,28 @@ static int split_gpt2(const ctx *c, size_t lo, size_t hi, segs *out)
         uint8_t f2 = ch == ' ' ? FL(pos + 1) : f;
         if (f2 & F_L) { /*  ?\p{L}+ */
             pos += ch == ' ';
-            while (f2 & F_L) f2 = FL(++pos);
+            while (f2 & F_L)
+                f2 = FL(++pos);
             EMIT(pos);
             continue;
         }
         if (f2 & F_N) { /*  ?\p{N}+ */
             pos += ch == ' ';
-            while (f2 & F_N) f2 = FL(++pos);
+            while (f2 & F_N)
+                f2 = FL(++pos);
             EMIT(pos);
             continue;
         }
         if (!(f2 & (F_S | F_L | F_N)) && f2) { /*  ?[^\s\p{L}\p{N}]+ */
             pos += ch == ' ';
-            while (!(f2 & (F_S | F_L | F_N)) && f2) f2 = FL(++pos);
+            while (!(f2 & (F_S | F_L | F_N)) && f2)
+                f2 = FL(++pos);
             EMIT(pos);
             continue;
         }
         size_t nws = 0;
-        while (FL(pos + nws) & F_S) nws++;
+        while (FL(pos + nws) & F_S)
+            nws++;
         if (nws > 1 && CP(pos + nws) != OOR) { /* \s+(?!\S): leave the last one */
             pos += nws - 1;
             EMIT(pos);
@@ -187,7 +191,8 @@ static int split_llama3(const ctx *c, size_t lo, size_t hi, segs *out, size_t ma
         if (!(ch == '\r' || ch == '\n' || (f & MN))) {
             if ((f & ML) || (FL(pos + 1) & ML)) {
                 pos++;
-                while (FL(pos) & ML) pos++;
+                while (FL(pos) & ML)
+                    pos++;
                 EMIT(pos);
                 continue;
             }
@@ -207,9 +212,11 @@ static int split_llama3(const ctx *c, size_t lo, size_t hi, segs *out, size_t ma
         uint8_t f2 = ch == ' ' ? FL(pos + 1) : f;
         if (!(f2 & (MS | ML | MN)) && f) {
             pos += ch == ' ';
-            while (!(f2 & (MS | ML | MN)) && f2) f2 = FL(++pos);
+            while (!(f2 & (MS | ML | MN)) && f2)
+                f2 = FL(++pos);
             uint32_t c2 = CP(pos);
-            while (c2 == '\r' || c2 == '\n') c2 = CP(++pos);
+            while (c2 == '\r' || c2 == '\n')
+                c2 = CP(++pos);
             EMIT(pos);
             continue;
         }
@@ -257,7 +264,8 @@ static int split_numbers(const ctx *c, size_t lo, size_t hi, segs *out, bool sin
         }
         size_t j = i + 1;
         if (!single)
-            while (j < hi && (c->fl[j] & F_N)) j++;
+            while (j < hi && (c->fl[j] & F_N))
+                j++;
         if ((rc = segs_push(out, i - gap)) < 0 || (rc = segs_push(out, j - i)) < 0) return rc;
         gap = i = j;
     }
@@ -271,8 +279,8 @@ static bool is_punct_run(const ctx *c, size_t i, bool backtick)
     uint32_t ch = c->cp[i];
     if (ch >= 0x80) return (c->fl[i] & F_P) != 0;
     if (ch == '`') return backtick;
-    return (ch >= 0x21 && ch <= 0x2F) || (ch >= 0x3A && ch <= 0x40) ||
-           (ch >= 0x5B && ch <= 0x60) || (ch >= 0x7B && ch <= 0x7E);
+    return (ch >= 0x21 && ch <= 0x2F) || (ch >= 0x3A && ch <= 0x40) || (ch >= 0x5B && ch <= 0x60) ||
+           (ch >= 0x7B && ch <= 0x7E);
 }
 
 static int split_punct(const ctx *c, size_t lo, size_t hi, segs *out, bool backtick)
@@ -285,7 +293,8 @@ static int split_punct(const ctx *c, size_t lo, size_t hi, segs *out, bool backt
             continue;
         }
         size_t j = i + 1;
-        while (j < hi && is_punct_run(c, j, backtick)) j++;
+        while (j < hi && is_punct_run(c, j, backtick))
+            j++;
         if ((rc = segs_push(out, i - gap)) < 0 || (rc = segs_push(out, j - i)) < 0) return rc;
         gap = i = j;
     }
@@ -323,15 +332,32 @@ static int run_step(const ctx *c, int step, const segs *in, segs *out)
         start = hi;
         int rc = 0;
         switch (step) {
-        case ST_GPT2: rc = split_gpt2(c, lo, hi, out); break;
-        case ST_LLAMA3: rc = split_llama3(c, lo, hi, out, 3); break;
-        case ST_QWEN2: rc = split_llama3(c, lo, hi, out, 1); break;
-        case ST_DIGIT1: rc = split_numbers(c, lo, hi, out, true); break;
-        case ST_DIGITS: rc = split_numbers(c, lo, hi, out, false); break;
-        case ST_PUNCT: rc = split_punct(c, lo, hi, out, false); break;
-        case ST_PUNCT_BT: rc = split_punct(c, lo, hi, out, true); break;
-        case ST_DIGIT3: rc = split_digit3(c, lo, hi, out); break;
-        default: CM_ABORT("bad pre-tokenizer step %d", step);
+        case ST_GPT2:
+            rc = split_gpt2(c, lo, hi, out);
+            break;
+        case ST_LLAMA3:
+            rc = split_llama3(c, lo, hi, out, 3);
+            break;
+        case ST_QWEN2:
+            rc = split_llama3(c, lo, hi, out, 1);
+            break;
+        case ST_DIGIT1:
+            rc = split_numbers(c, lo, hi, out, true);
+            break;
+        case ST_DIGITS:
+            rc = split_numbers(c, lo, hi, out, false);
+            break;
+        case ST_PUNCT:
+            rc = split_punct(c, lo, hi, out, false);
+            break;
+        case ST_PUNCT_BT:
+            rc = split_punct(c, lo, hi, out, true);
+            break;
+        case ST_DIGIT3:
+            rc = split_digit3(c, lo, hi, out);
+            break;
+        default:
+            CM_ABORT("bad pre-tokenizer step %d", step);
         }
         if (rc < 0) return rc;
     }
@@ -348,15 +374,18 @@ static uint8_t cp_flags(uint32_t ch)
     }
     if (tok_ucd_is_space(ch)) return F_ANY | F_S;
     switch (tok_ucd_class(ch)) {
-    case TOK_UC_LETTER: return F_ANY | F_L;
-    case TOK_UC_NUMBER: return F_ANY | F_N;
-    case TOK_UC_PUNCT: return F_ANY | F_P;
-    default: return F_ANY;
+    case TOK_UC_LETTER:
+        return F_ANY | F_L;
+    case TOK_UC_NUMBER:
+        return F_ANY | F_N;
+    case TOK_UC_PUNCT:
+        return F_ANY | F_P;
+    default:
+        return F_ANY;
     }
 }
 
-int64_t tok_pretokenize(int pre, const char *text, size_t len, uint32_t **words,
-                        size_t *cap_words)
+int64_t tok_pretokenize(int pre, const char *text, size_t len, uint32_t **words, size_t *cap_words)
 {
     static const int steps_default[] = {ST_PUNCT, ST_GPT2, ST_DIGITS, ST_DIGIT3};
     static const int steps_falcon[] = {ST_PUNCT_BT, ST_GPT2, ST_DIGIT3};
@@ -367,13 +396,32 @@ int64_t tok_pretokenize(int pre, const char *text, size_t len, uint32_t **words,
     const int *steps;
     size_t n_steps;
     switch (pre) {
-    case TOK_PRE_DEFAULT: steps = steps_default; n_steps = CM_ARRAY_LEN(steps_default); break;
-    case TOK_PRE_FALCON: steps = steps_falcon; n_steps = CM_ARRAY_LEN(steps_falcon); break;
-    case TOK_PRE_GPT2: steps = steps_gpt2; n_steps = 1; break;
-    case TOK_PRE_STARCODER: steps = steps_star; n_steps = CM_ARRAY_LEN(steps_star); break;
-    case TOK_PRE_LLAMA3: steps = steps_llama3; n_steps = 1; break;
-    case TOK_PRE_QWEN2: steps = steps_qwen2; n_steps = 1; break;
-    default: CM_ABORT("bad pre-tokenizer %d", pre);
+    case TOK_PRE_DEFAULT:
+        steps = steps_default;
+        n_steps = CM_ARRAY_LEN(steps_default);
+        break;
+    case TOK_PRE_FALCON:
+        steps = steps_falcon;
+        n_steps = CM_ARRAY_LEN(steps_falcon);
+        break;
+    case TOK_PRE_GPT2:
+        steps = steps_gpt2;
+        n_steps = 1;
+        break;
+    case TOK_PRE_STARCODER:
+        steps = steps_star;
+        n_steps = CM_ARRAY_LEN(steps_star);
+        break;
+    case TOK_PRE_LLAMA3:
+        steps = steps_llama3;
+        n_steps = 1;
+        break;
+    case TOK_PRE_QWEN2:
+        steps = steps_qwen2;
+        n_steps = 1;
+        break;
+    default:
+        CM_ABORT("bad pre-tokenizer %d", pre);
     }
     if (len == 0) return 0;
 

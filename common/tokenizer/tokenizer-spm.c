@@ -86,8 +86,8 @@ static int try_pair(spm_state *st, int32_t l, int32_t r)
     return heap_push(st, e);
 }
 
-int tok_spm_encode(const tok_vocab *v, const char *text, size_t len, bool add_prefix,
-                   tok_out *out, cm_err *err)
+int tok_spm_encode(const tok_vocab *v, const char *text, size_t len, bool add_prefix, tok_out *out,
+                   cm_err *err)
 {
     static const char SP[3] = {'\xe2', '\x96', '\x81'}; /* ▁ */
     spm_state st;
@@ -96,7 +96,8 @@ int tok_spm_encode(const tok_vocab *v, const char *text, size_t len, bool add_pr
     int rc = -ENOMEM;
 
     size_t n_sp = 0; /* each space grows from 1 to 3 bytes; the prefix adds 3 */
-    for (size_t i = 0; i < len; i++) n_sp += text[i] == ' ';
+    for (size_t i = 0; i < len; i++)
+        n_sp += text[i] == ' ';
     size_t blen = len + 2 * n_sp + (add_prefix ? 3 : 0);
     if (blen >= INT32_MAX) return cm_err_set(err, -CM_ELIMIT, "text too long (%zu bytes)", len);
     char *buf = malloc(blen ? blen : 1);

@@ -82,8 +82,7 @@ int tok_utf8_encode(uint32_t cp, char *out)
     return 4;
 }
 
-/* Length of the valid UTF-8 sequence at s (n bytes left), or 0 if it is not one. */
-static int utf8_seq_len(const uint8_t *s, size_t n)
+int tok_utf8_seq_len(const uint8_t *s, size_t n)
 {
     uint8_t c = s[0];
     if (c < 0x80) return 1;
@@ -91,14 +90,14 @@ static int utf8_seq_len(const uint8_t *s, size_t n)
     if (c < 0xE0) return (n >= 2 && (s[1] & 0xC0) == 0x80) ? 2 : 0;
     if (c < 0xF0) {
         if (n < 3 || (s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80) return 0;
-        if (c == 0xE0 && s[1] < 0xA0) return 0; /* overlong */
+        if (c == 0xE0 && s[1] < 0xA0) return 0;  /* overlong */
         if (c == 0xED && s[1] >= 0xA0) return 0; /* surrogate */
         return 3;
     }
     if (c < 0xF5) {
         if (n < 4 || (s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80 || (s[3] & 0xC0) != 0x80)
             return 0;
-        if (c == 0xF0 && s[1] < 0x90) return 0; /* overlong */
+        if (c == 0xF0 && s[1] < 0x90) return 0;  /* overlong */
         if (c == 0xF4 && s[1] >= 0x90) return 0; /* above U+10FFFF */
         return 4;
     }
@@ -122,7 +121,7 @@ int64_t tok_utf8_validate(const char *buf, size_t n)
             i++;
             continue;
         }
-        int l = utf8_seq_len(s + i, n - i);
+        int l = tok_utf8_seq_len(s + i, n - i);
         if (l == 0) {
             /* name the first byte that cannot belong to a valid sequence */
             size_t bad = i;
@@ -130,10 +129,9 @@ int64_t tok_utf8_validate(const char *buf, size_t n)
                 bad = i + 1;
                 size_t want = s[i] < 0xE0 ? 2 : s[i] < 0xF0 ? 3 : 4;
                 while (bad < n && bad < i + want && (s[bad] & 0xC0) == 0x80) {
-                    if (bad == i + 1 && ((s[i] == 0xE0 && s[bad] < 0xA0) ||
-                                         (s[i] == 0xED && s[bad] >= 0xA0) ||
-                                         (s[i] == 0xF0 && s[bad] < 0x90) ||
-                                         (s[i] == 0xF4 && s[bad] >= 0x90)))
+                    if (bad == i + 1 &&
+                        ((s[i] == 0xE0 && s[bad] < 0xA0) || (s[i] == 0xED && s[bad] >= 0xA0) ||
+                         (s[i] == 0xF0 && s[bad] < 0x90) || (s[i] == 0xF4 && s[bad] >= 0x90)))
                         break;
                     bad++;
                 }
@@ -205,10 +203,12 @@ int tok_map_init(tok_map *m, size_t expected)
 {
     memset(m, 0, sizeof(*m));
     size_t cap = 16;
-    while (cap < expected * 2) cap *= 2;
+    while (cap < expected * 2)
+        cap *= 2;
     m->slots = malloc(cap * sizeof(*m->slots));
     if (!m->slots) return -ENOMEM;
-    for (size_t i = 0; i < cap; i++) m->slots[i].len = UINT32_MAX;
+    for (size_t i = 0; i < cap; i++)
+        m->slots[i].len = UINT32_MAX;
     m->cap = cap;
     return 0;
 }
@@ -228,8 +228,7 @@ int32_t tok_map_get(const tok_map *m, const void *key, size_t len)
     for (size_t i = h & mask;; i = (i + 1) & mask) {
         const tok_map_slot *s = &m->slots[i];
         if (s->len == UINT32_MAX) return -1;
-        if (s->hash == h && s->len == len && memcmp(m->keys + s->off, key, len) == 0)
-            return s->val;
+        if (s->hash == h && s->len == len && memcmp(m->keys + s->off, key, len) == 0) return s->val;
     }
 }
 
@@ -238,11 +237,13 @@ static int map_grow(tok_map *m)
     size_t cap = m->cap * 2;
     tok_map_slot *slots = malloc(cap * sizeof(*slots));
     if (!slots) return -ENOMEM;
-    for (size_t i = 0; i < cap; i++) slots[i].len = UINT32_MAX;
+    for (size_t i = 0; i < cap; i++)
+        slots[i].len = UINT32_MAX;
     for (size_t j = 0; j < m->cap; j++) {
         if (m->slots[j].len == UINT32_MAX) continue;
         size_t i = m->slots[j].hash & (cap - 1);
-        while (slots[i].len != UINT32_MAX) i = (i + 1) & (cap - 1);
+        while (slots[i].len != UINT32_MAX)
+            i = (i + 1) & (cap - 1);
         slots[i] = m->slots[j];
     }
     free(m->slots);
@@ -268,7 +269,8 @@ int32_t tok_map_put(tok_map *m, const void *key, size_t len, int32_t val, bool o
     }
     if (m->keys_len + len > m->keys_cap) {
         size_t nc = m->keys_cap ? m->keys_cap : 4096;
-        while (nc < m->keys_len + len) nc *= 2;
+        while (nc < m->keys_len + len)
+            nc *= 2;
         if (nc > UINT32_MAX) return -ENOMEM;
         char *k = realloc(m->keys, nc);
         if (!k) return -ENOMEM;
@@ -276,8 +278,8 @@ int32_t tok_map_put(tok_map *m, const void *key, size_t len, int32_t val, bool o
         m->keys_cap = nc;
     }
     if (len) memcpy(m->keys + m->keys_len, key, len);
-    m->slots[i] = (tok_map_slot){.hash = h, .len = (uint32_t)len, .off = (uint32_t)m->keys_len,
-                                 .val = val};
+    m->slots[i] =
+        (tok_map_slot){.hash = h, .len = (uint32_t)len, .off = (uint32_t)m->keys_len, .val = val};
     m->keys_len += len;
     m->count++;
     return val;

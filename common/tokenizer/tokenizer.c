@@ -39,29 +39,36 @@ typedef struct occ {
 
 /* ---- load ---------------------------------------------------------------------------------- */
 
-static const char *const EOT_TEXTS[] = {
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "<EOT>", "_<EOT>", "<\xef\xbd\x9c" "end\xe2\x96\x81" "of\xe2\x96\x81" "sentence\xef\xbd\x9c>",
-    "<end_of_utterance>", NULL};
+/* texts of end-of-turn / FIM markers (UTF-8: DeepSeek uses fullwidth bars and "▁") */
+static const char *const EOT_TEXTS[] = {"<|eot_id|>",
+                                        "<|im_end|>",
+                                        "<|end|>",
+                                        "<end_of_turn>",
+                                        "<|endoftext|>",
+                                        "<|end_of_text|>",
+                                        "<EOT>",
+                                        "_<EOT>",
+                                        "<｜end▁of▁sentence｜>",
+                                        "<end_of_utterance>",
+                                        NULL};
 static const char *const EOM_TEXTS[] = {"<|eom_id|>", NULL};
 static const char *const FIM_PRE_TEXTS[] = {
-    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\xef\xbd\x9c" "fim\xe2\x96\x81" "begin\xef\xbd\x9c>",
-    "<PRE>", "\xe2\x96\x81<PRE>", "<|code_prefix|>", NULL};
+    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>",    "<｜fim▁begin｜>",
+    "<PRE>",          "▁<PRE>",       "<|code_prefix|>", NULL};
 static const char *const FIM_SUF_TEXTS[] = {
-    "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<\xef\xbd\x9c" "fim\xe2\x96\x81" "hole\xef\xbd\x9c>",
-    "<SUF>", "\xe2\x96\x81<SUF>", "<|code_suffix|>", NULL};
+    "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>",    "<｜fim▁hole｜>",
+    "<SUF>",          "▁<SUF>",       "<|code_suffix|>", NULL};
 static const char *const FIM_MID_TEXTS[] = {
-    "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<\xef\xbd\x9c" "fim\xe2\x96\x81" "end\xef\xbd\x9c>",
-    "<MID>", "\xe2\x96\x81<MID>", "<|code_middle|>", NULL};
-static const char *const FIM_PAD_TEXTS[] = {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>",
-                                            NULL};
+    "<|fim_middle|>", "<fim-middle>", "<fim_middle>",    "<｜fim▁end｜>",
+    "<MID>",          "▁<MID>",       "<|code_middle|>", NULL};
+static const char *const FIM_PAD_TEXTS[] = {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", NULL};
 static const char *const FIM_REP_TEXTS[] = {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>",
-                                            "<REPO>", "<reponame>", NULL};
+                                            "<REPO>",       "<reponame>",    NULL};
 static const char *const FIM_SEP_TEXTS[] = {"<|file_sep|>", NULL};
 static const char *const EOG_TEXTS[] = {
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
-    "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
-    NULL};
+    "<|eot_id|>",      "<|im_end|>",         "<|end|>",    "<|return|>", "<|call|>",
+    "<end_of_turn>",   "<|endoftext|>",      "<|eom_id|>", "<EOT>",      "_<EOT>",
+    "<|end_of_text|>", "<end_of_utterance>", NULL};
 
 /* Length of a GGUF string up to its first NUL, if any. */
 static size_t cstr_len(gguf_str s)
@@ -105,8 +112,8 @@ static int read_id(const gguf_file *f, const char *key, int32_t n_vocab, int32_t
         return 0;
     }
     if (x >= (uint32_t)n_vocab) {
-        CM_LOG_WARN("tokenizer: bad special token %s = %u (n_vocab %d), using %d", key, x,
-                    n_vocab, *id);
+        CM_LOG_WARN("tokenizer: bad special token %s = %u (n_vocab %d), using %d", key, x, n_vocab,
+                    *id);
         return 0;
     }
     *id = (int32_t)x;
@@ -126,17 +133,17 @@ static int read_bool(const gguf_file *f, const char *key, bool *out, cm_err *err
 /* Map tokenizer.ggml.pre to our pre-tokenizer (and its flags); -1 if we do not know it. */
 static int pre_from_name(gguf_str pre, tok_vocab *v)
 {
-    static const char *const llama3[] = {"llama3", "llama-v3", "llama-bpe", "falcon3",
-                                         "falcon-h1", "pixtral", "midm-2.0", "lfm2", NULL};
+    static const char *const llama3[] = {"llama3",  "llama-v3", "llama-bpe", "falcon3", "falcon-h1",
+                                         "pixtral", "midm-2.0", "lfm2",      NULL};
     static const char *const llama3_regex[] = {"dbrx", "smaug-bpe", NULL};
-    static const char *const gpt2[] = {"gpt-2", "phi-2", "jina-es", "jina-de", "gigachat",
-                                       "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "mpt",
-                                       "olmo", "jais", "trillion", "granite-docling", "exaone4",
-                                       NULL};
-    static const char *const starcoder[] = {"starcoder", "refact", "command-r", "smollm",
+    static const char *const gpt2[] = {
+        "gpt-2",      "phi-2",           "jina-es", "jina-de", "gigachat", "jina-v2-es",
+        "jina-v2-de", "a.x-4.0",         "mellum",  "mpt",     "olmo",     "jais",
+        "trillion",   "granite-docling", "exaone4", NULL};
+    static const char *const starcoder[] = {"starcoder", "refact", "command-r",  "smollm",
                                             "codeshell", "exaone", "minerva-7b", NULL};
-    static const char *const qwen2[] = {"qwen2", "deepseek-r1-qwen", "kormo", "stablelm2",
-                                        "megrez", "hunyuan", "grok-2", NULL};
+    static const char *const qwen2[] = {"qwen2",  "deepseek-r1-qwen", "kormo",  "stablelm2",
+                                        "megrez", "hunyuan",          "grok-2", NULL};
     char name[64];
     if (pre.len >= sizeof(name)) return -1;
     memcpy(name, pre.ptr, (size_t)pre.len);
@@ -166,15 +173,12 @@ static size_t bpe_decode_text(const char *t, size_t n, char *out)
     size_t o = 0;
     const uint8_t *s = (const uint8_t *)t;
     for (size_t i = 0; i < n;) {
-        int l = 1;
-        uint32_t cp = s[i];
-        int64_t bad = tok_utf8_validate(t + i, CM_MIN(n - i, (size_t)4));
-        if (s[i] >= 0x80) {
-            if (bad == 0 || bad < -(int64_t)1) /* a whole sequence starts here */
-                cp = tok_utf8_decode(s + i, n - i, &l);
-            else
-                cp = 0xFFFD;
-        }
+        int l = tok_utf8_seq_len(s + i, n - i);
+        uint32_t cp = 0xFFFD; /* a byte that starts no valid sequence */
+        if (l > 0)
+            cp = tok_utf8_decode(s + i, n - i, &l);
+        else
+            l = 1;
         int b = tok_cp_to_byte(cp);
         if (b >= 0) {
             if (out) out[o] = (char)b;
@@ -185,8 +189,8 @@ static size_t bpe_decode_text(const char *t, size_t n, char *out)
             char u[4];
             int ul = tok_utf8_encode(cp, u);
             int k = snprintf(tmp, sizeof(tmp), "[UNK_BYTE_0x");
-            for (int j = 0; j < ul; j++) k += snprintf(tmp + k, sizeof(tmp) - (size_t)k, "%02x",
-                                                        (unsigned)(uint8_t)u[j]);
+            for (int j = 0; j < ul; j++)
+                k += snprintf(tmp + k, sizeof(tmp) - (size_t)k, "%02x", (unsigned)(uint8_t)u[j]);
             if (out) memcpy(out + o, tmp, (size_t)k);
             o += (size_t)k;
             if (out) memcpy(out + o, t, n);
@@ -229,8 +233,10 @@ static size_t piece_of(const tok_vocab *v, int32_t id, char *out)
         unsigned x = 0;
         for (size_t i = 3; i < 5 && i < n; i++) {
             char c = t[i];
-            int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
-                  : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+            int d = c >= '0' && c <= '9'   ? c - '0'
+                    : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                    : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                           : -1;
             if (d < 0) break;
             x = x * 16 + (unsigned)d;
         }
@@ -268,24 +274,28 @@ static int build_special(tok_vocab *v)
         int a = v->attr[id];
         if (a == TOK_ATTR_CONTROL || a == TOK_ATTR_USER_DEFINED || a == TOK_ATTR_UNKNOWN)
             v->special[v->n_special++] = id;
+        v->n_user_defined += a == TOK_ATTR_USER_DEFINED;
     }
     len_id *tmp = malloc((size_t)(v->n_special ? v->n_special : 1) * sizeof(*tmp));
     if (!tmp) return -ENOMEM;
     for (int32_t k = 0; k < v->n_special; k++)
         tmp[k] = (len_id){v->text_len[v->special[k]], v->special[k]};
     qsort(tmp, (size_t)v->n_special, sizeof(*tmp), cmp_len_id);
-    for (int32_t k = 0; k < v->n_special; k++) v->special[k] = tmp[k].id;
+    for (int32_t k = 0; k < v->n_special; k++)
+        v->special[k] = tmp[k].id;
     free(tmp);
     /* bucket the positions in special[] by the first byte of the token's text */
     int32_t count[256] = {0};
     for (int32_t k = 0; k < v->n_special; k++)
         count[(uint8_t)tok_vtext(v, v->special[k])[0]]++;
     v->special_first[0] = 0;
-    for (int b = 0; b < 256; b++) v->special_first[b + 1] = v->special_first[b] + count[b];
+    for (int b = 0; b < 256; b++)
+        v->special_first[b + 1] = v->special_first[b] + count[b];
     v->special_by_byte = malloc((size_t)(v->n_special ? v->n_special : 1) * sizeof(int32_t));
     if (!v->special_by_byte) return -ENOMEM;
     int32_t fill[256];
-    for (int b = 0; b < 256; b++) fill[b] = v->special_first[b];
+    for (int b = 0; b < 256; b++)
+        fill[b] = v->special_first[b];
     for (int32_t k = 0; k < v->n_special; k++)
         v->special_by_byte[fill[(uint8_t)tok_vtext(v, v->special[k])[0]]++] = k;
     return 0;
@@ -306,7 +316,8 @@ static int build_pieces(tok_vocab *v)
     }
     v->piece = malloc(total ? total : 1);
     if (!v->piece) return -ENOMEM;
-    for (int32_t id = 0; id < v->n_vocab; id++) piece_of(v, id, v->piece + v->piece_off[id]);
+    for (int32_t id = 0; id < v->n_vocab; id++)
+        piece_of(v, id, v->piece + v->piece_off[id]);
     return 0;
 }
 
@@ -339,9 +350,12 @@ static void build_eog(tok_vocab *v, int32_t fim_pad, int32_t fim_rep, int32_t fi
     for (int32_t id = 0; id < v->n_vocab; id++) {
         if (!v->eog[id]) continue;
         const char *t = tok_vtext(v, id);
-        if (strcmp(t, "<|return|>") == 0) ret = id;
-        else if (strcmp(t, "<|call|>") == 0) call = id;
-        else if (strcmp(t, "<|end|>") == 0) end = id;
+        if (strcmp(t, "<|return|>") == 0)
+            ret = id;
+        else if (strcmp(t, "<|call|>") == 0)
+            call = id;
+        else if (strcmp(t, "<|end|>") == 0)
+            end = id;
     }
     if (ret >= 0 && call >= 0 && end >= 0) {
         v->eog[end] = 0;
@@ -405,8 +419,10 @@ tok_vocab *tok_vocab_init(const gguf_file *f, cm_err *err)
         goto fail;
     }
     if (et != GGUF_VT_STRING || n == 0 || n > INT32_MAX / 2) {
-        cm_err_set(err, -CM_EFORMAT, "tokenizer.ggml.tokens: want a non-empty string array, "
-                   "got %s[%" PRIu64 "]", gguf_vtype_name(et), n);
+        cm_err_set(err, -CM_EFORMAT,
+                   "tokenizer.ggml.tokens: want a non-empty string array, "
+                   "got %s[%" PRIu64 "]",
+                   gguf_vtype_name(et), n);
         goto fail;
     }
     v->n_vocab = (int32_t)n;
@@ -418,7 +434,8 @@ tok_vocab *tok_vocab_init(const gguf_file *f, cm_err *err)
     if (!v->text_off || !v->text_len || !v->score || !v->attr || !v->eog) goto nomem;
     size_t total = 0;
     /* llama.cpp reads token texts as C strings: a NUL ends one (and "" becomes [EMPTY_i]) */
-    for (uint64_t i = 0; i < n; i++) total += CM_MAX(cstr_len(toks[i]), 24) + 1;
+    for (uint64_t i = 0; i < n; i++)
+        total += CM_MAX(cstr_len(toks[i]), 24) + 1;
     if (total >= UINT32_MAX) {
         cm_err_set(err, -CM_ELIMIT, "vocabulary text too large (%zu bytes)", total);
         goto fail;
@@ -437,8 +454,8 @@ tok_vocab *tok_vocab_init(const gguf_file *f, cm_err *err)
         }
         v->text_len[i] = (uint32_t)(at - v->text_off[i]);
         v->text[at++] = '\0';
-        if (tok_map_put(&v->tok_map, v->text + v->text_off[i], v->text_len[i], (int32_t)i,
-                        true) < 0)
+        if (tok_map_put(&v->tok_map, v->text + v->text_off[i], v->text_len[i], (int32_t)i, true) <
+            0)
             goto nomem;
         v->attr[i] = TOK_ATTR_NORMAL;
     }
@@ -450,15 +467,15 @@ tok_vocab *tok_vocab_init(const gguf_file *f, cm_err *err)
             cm_err_set(err, -CM_EFORMAT, "tokenizer.ggml.scores: want %" PRIu64 " floats", n);
             goto fail;
         }
-        for (uint64_t i = 0; i < n; i++) v->score[i] = (float)gguf_arr_f64(kv, i);
+        for (uint64_t i = 0; i < n; i++)
+            v->score[i] = (float)gguf_arr_f64(kv, i);
     }
     kv = gguf_find_kv(f, "tokenizer.ggml.token_type");
     if (kv) {
         if (kv->type != GGUF_VT_ARRAY || kv->arr_n != n || kv->arr_type == GGUF_VT_STRING ||
             kv->arr_type == GGUF_VT_FLOAT32 || kv->arr_type == GGUF_VT_FLOAT64 ||
             kv->arr_type == GGUF_VT_BOOL) {
-            cm_err_set(err, -CM_EFORMAT, "tokenizer.ggml.token_type: want %" PRIu64
-                       " integers", n);
+            cm_err_set(err, -CM_EFORMAT, "tokenizer.ggml.token_type: want %" PRIu64 " integers", n);
             goto fail;
         }
         for (uint64_t i = 0; i < n; i++) {
@@ -499,18 +516,18 @@ tok_vocab *tok_vocab_init(const gguf_file *f, cm_err *err)
         const char *key;
         int which;
     } id_keys[] = {
-        {"tokenizer.ggml.bos_token_id", 0},     {"tokenizer.ggml.eos_token_id", 1},
-        {"tokenizer.ggml.eot_token_id", 2},     {"tokenizer.ggml.eom_token_id", 3},
-        {"tokenizer.ggml.unknown_token_id", 4}, {"tokenizer.ggml.seperator_token_id", 5},
-        {"tokenizer.ggml.padding_token_id", 6}, {"tokenizer.ggml.mask_token_id", 7},
-        {"tokenizer.ggml.fim_pre_token_id", 8}, {"tokenizer.ggml.fim_suf_token_id", 9},
+        {"tokenizer.ggml.bos_token_id", 0},      {"tokenizer.ggml.eos_token_id", 1},
+        {"tokenizer.ggml.eot_token_id", 2},      {"tokenizer.ggml.eom_token_id", 3},
+        {"tokenizer.ggml.unknown_token_id", 4},  {"tokenizer.ggml.seperator_token_id", 5},
+        {"tokenizer.ggml.padding_token_id", 6},  {"tokenizer.ggml.mask_token_id", 7},
+        {"tokenizer.ggml.fim_pre_token_id", 8},  {"tokenizer.ggml.fim_suf_token_id", 9},
         {"tokenizer.ggml.fim_mid_token_id", 10}, {"tokenizer.ggml.fim_pad_token_id", 11},
         {"tokenizer.ggml.fim_rep_token_id", 12}, {"tokenizer.ggml.fim_sep_token_id", 13},
-        {"tokenizer.ggml.prefix_token_id", 8},  {"tokenizer.ggml.suffix_token_id", 9},
+        {"tokenizer.ggml.prefix_token_id", 8},   {"tokenizer.ggml.suffix_token_id", 9},
         {"tokenizer.ggml.middle_token_id", 10},
     };
-    int32_t *slots[] = {&v->bos, &v->eos, &v->eot, &v->eom, &v->unk, &sep, &pad, &mask,
-                        &fim_pre, &fim_suf, &fim_mid, &fim_pad, &fim_rep, &fim_sep};
+    int32_t *slots[] = {&v->bos, &v->eos,  &v->eot,  &v->eom,  &v->unk,  &sep,     &pad,
+                        &mask,   &fim_pre, &fim_suf, &fim_mid, &fim_pad, &fim_rep, &fim_sep};
     for (size_t k = 0; k < CM_ARRAY_LEN(id_keys); k++)
         read_id(f, id_keys[k].key, v->n_vocab, slots[id_keys[k].which]);
     if ((rc = read_bool(f, "tokenizer.ggml.add_bos_token", &v->add_bos, err)) < 0 ||
@@ -564,10 +581,22 @@ void tok_vocab_free(tok_vocab *v)
     free(v);
 }
 
-int32_t tok_n_vocab(const tok_vocab *v) { return v->n_vocab; }
-int32_t tok_bos(const tok_vocab *v) { return v->bos; }
-int32_t tok_eos(const tok_vocab *v) { return v->eos; }
-bool tok_add_bos(const tok_vocab *v) { return v->add_bos; }
+int32_t tok_n_vocab(const tok_vocab *v)
+{
+    return v->n_vocab;
+}
+int32_t tok_bos(const tok_vocab *v)
+{
+    return v->bos;
+}
+int32_t tok_eos(const tok_vocab *v)
+{
+    return v->eos;
+}
+bool tok_add_bos(const tok_vocab *v)
+{
+    return v->add_bos;
+}
 
 bool tok_is_eog(const tok_vocab *v, int32_t id)
 {
@@ -602,20 +631,21 @@ static int64_t partition(const tok_vocab *v, const char *text, size_t len, bool 
     uint8_t *covered = NULL;
     occ *chosen = NULL;
     size_t n_chosen = 0;
-    int32_t *count = NULL;
+    size_t *count = NULL;
     occ *sorted = NULL;
     int64_t ret = -ENOMEM;
     *out = NULL;
 
     /* every occurrence of every usable special token, by position */
-    for (size_t p = 0; p < len && v->n_special; p++) {
+    bool any = parse_special ? v->n_special > 0 : v->n_user_defined > 0;
+    for (size_t p = 0; p < len && any; p++) {
         uint8_t b = (uint8_t)text[p];
         for (int32_t j = v->special_first[b]; j < v->special_first[b + 1]; j++) {
             int32_t k = v->special_by_byte[j];
             int32_t id = v->special[k];
             size_t tl = v->text_len[id];
-            if (tl > len - p || memcmp(text + p, tok_vtext(v, id), tl) != 0) continue;
             if (!parse_special && v->attr[id] != TOK_ATTR_USER_DEFINED) continue;
+            if (tl > len - p || memcmp(text + p, tok_vtext(v, id), tl) != 0) continue;
             if (n_occ == cap_occ) {
                 size_t nc = cap_occ ? cap_occ * 2 : 64;
                 occ *o = realloc(occs, nc * sizeof(*o));
@@ -629,14 +659,17 @@ static int64_t partition(const tok_vocab *v, const char *text, size_t len, bool 
 
     if (n_occ) {
         /* group by token (in special[] order), keeping positions ascending */
-        count = calloc((size_t)v->n_special + 1, sizeof(int32_t));
+        count = calloc((size_t)v->n_special + 1, sizeof(*count));
         sorted = malloc(n_occ * sizeof(*sorted));
         covered = calloc(len, 1);
         chosen = malloc(n_occ * sizeof(*chosen));
         if (!count || !sorted || !covered || !chosen) goto out;
-        for (size_t i = 0; i < n_occ; i++) count[occs[i].k + 1]++;
-        for (int32_t k = 0; k < v->n_special; k++) count[k + 1] += count[k];
-        for (size_t i = 0; i < n_occ; i++) sorted[count[occs[i].k]++] = occs[i];
+        for (size_t i = 0; i < n_occ; i++)
+            count[occs[i].k + 1]++;
+        for (int32_t k = 0; k < v->n_special; k++)
+            count[k + 1] += count[k];
+        for (size_t i = 0; i < n_occ; i++)
+            sorted[count[occs[i].k]++] = occs[i];
         size_t i = 0;
         while (i < n_occ) {
             int32_t k = sorted[i].k;
@@ -687,8 +720,8 @@ int64_t tok_encode(const tok_vocab *v, const char *text, size_t len, bool add_bo
         return cm_err_set(err, -CM_ELIMIT, "text too long to tokenize (%zu bytes)", len);
     int64_t bad = tok_utf8_validate(text, len);
     if (bad < 0)
-        return cm_err_set(err, -EILSEQ, "invalid UTF-8 at byte %" PRId64 " (0x%02x)",
-                          -bad - 1, (unsigned)(uint8_t)text[-bad - 1]);
+        return cm_err_set(err, -EILSEQ, "invalid UTF-8 at byte %" PRId64 " (0x%02x)", -bad - 1,
+                          (unsigned)(uint8_t)text[-bad - 1]);
 
     tok_out o = {out, cap, 0};
     frag *fr = NULL;
@@ -713,15 +746,16 @@ int64_t tok_encode(const tok_vocab *v, const char *text, size_t len, bool add_bo
         if (v->type == TOK_TYPE_BPE) {
             rc = tok_bpe_encode(v, text + fr[i].off, fr[i].len, &o, err);
         } else {
-            rc = tok_spm_encode(v, text + fr[i].off, fr[i].len,
-                                v->add_space_prefix && prev_special, &o, err);
+            rc = tok_spm_encode(v, text + fr[i].off, fr[i].len, v->add_space_prefix && prev_special,
+                                &o, err);
             prev_special = false;
         }
     }
     free(fr);
     if (rc < 0) return rc;
     if (add_bos && v->add_eos) {
-        if (v->eos < 0) return cm_err_set(err, -CM_EFORMAT, "the vocabulary asks for EOS but has none");
+        if (v->eos < 0)
+            return cm_err_set(err, -CM_EFORMAT, "the vocabulary asks for EOS but has none");
         tok_out_push(&o, v->eos);
     }
     return o.n;

@@ -322,7 +322,7 @@ def sweep(ours, ref, label, step):
     bad, n = [], 0
     for i in range(0, len(cps), 512):
         chunk = cps[i:i + 512]
-        b = "".join(probe(chr(c)) for c in chunk).encode("utf-8", "surrogatepass")
+        b = "".join(probe(chr(c)) for c in chunk).encode()
         n += 1
         if ours.encode(b, False, False) == ref.encode(b, False, False):
             check(True, "")
@@ -351,7 +351,7 @@ def compare_vocab(ours, ref, label):
     bad_piece = [(i, sp) for i in range(nv) for sp in (False, True)
                  if ours.piece(i, sp) != ref.piece(i, sp)]
     check(not bad_piece, "%s pieces differ for %s" % (label, bad_piece[:20]))
-    return 5 + 2 * nv
+    return 5 + 3 * nv
 
 
 # ---- synthetic vocab-only files --------------------------------------------------------------
@@ -552,25 +552,27 @@ def main():
             write_gguf(path, f)
             o, r = Ours(path), Ref(path)
             label = "pre=%s%s" % (pre, " +user-defined" if "user-defined" in extra else "")
-            k = compare_ids(o, r, sub, label)
-            k += compare_decode(o, r, sub[:40], label)
-            k += compare_vocab(o, r, label)
-            if pre in ("qwen2", "llama-bpe", "default"):
-                k += sweep(o, r, label, 13)[0]
-            print("%s: %d checks" % (label, k))
+            ni = compare_ids(o, r, sub, label)
+            nd = compare_decode(o, r, sub[:40], label)
+            nv = compare_vocab(o, r, label)
+            ncp = sweep(o, r, label, 13)[0] if pre in ("qwen2", "llama-bpe", "default") else 0
+            print("%s: %d strings, %d id comparisons, %d decode checks, %d vocab checks, "
+                  "%d code points swept" % (label, len(sub), ni, nd, nv, ncp))
             o.close()
 
         path = os.path.join(tmp, "spm.gguf")
         write_gguf(path, spm_fields(base))
         o, r = Ours(path), Ref(path)
         spm_strings = sub + ["<tool>x<tool>", "a <|ctl|> b", " <s> </s> <unk> ", "<0x41>", "\u2581x"]
-        k = compare_ids(o, r, spm_strings, "spm")
-        k += compare_decode(o, r, spm_strings[:60], "spm", roundtrip=False)
-        k += compare_vocab(o, r, "spm")
-        print("spm: %d checks" % k)
+        ni = compare_ids(o, r, spm_strings, "spm")
+        nd = compare_decode(o, r, spm_strings[:60], "spm", roundtrip=False)
+        nv = compare_vocab(o, r, "spm")
+        print("spm: %d strings, %d id comparisons, %d decode checks, %d vocab checks"
+              % (len(spm_strings), ni, nd, nv))
         o.close()
 
-    print("strings compared: %d (model) + %d per variant; %.1f s" % (len(strings), len(sub), time.time() - t0))
+    print("strings compared: %d on the model, %d on each of %d variants, %d on the SentencePiece "
+          "vocabulary; %.1f s" % (len(strings), len(sub), len(variants), len(sub) + 5, time.time() - t0))
     print("%d passed, %d failed" % (passed, failed))
     return 1 if failed else 0
 

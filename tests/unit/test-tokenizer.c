@@ -20,16 +20,16 @@
 
 static int n_pass, n_fail;
 
-#define CHECK(cond, ...)                                                                       \
-    do {                                                                                       \
-        if (cond) {                                                                            \
-            n_pass++;                                                                          \
-        } else {                                                                               \
-            n_fail++;                                                                          \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                        \
-            printf(__VA_ARGS__);                                                               \
-            printf("\n");                                                                      \
-        }                                                                                      \
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (cond) {                                                                                \
+            n_pass++;                                                                              \
+        } else {                                                                                   \
+            n_fail++;                                                                              \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                            \
+            printf(__VA_ARGS__);                                                                   \
+            printf("\n");                                                                          \
+        }                                                                                          \
     } while (0)
 
 /* encode into a malloc'd array (*n ids); returns the tok_encode result */
@@ -84,17 +84,17 @@ static void test_utf8(void)
         {"caf\xc3\xa9", 5, 0},
         {"\xf0\x9f\x98\x80", 4, 0},
         {"\xef\xbb\xbf", 3, 0},
-        {"\xf4\x8f\xbf\xbf", 4, 0},       /* U+10FFFF */
-        {"ab\xff", 3, -3},                /* 0xFF at 2 */
-        {"\x80", 1, -1},                  /* lone continuation */
-        {"\xc0\xaf", 2, -1},              /* overlong '/' */
-        {"\xe0\x80\xaf", 3, -2},          /* overlong: bad second byte */
-        {"\xed\xa0\x80", 3, -2},          /* surrogate D800 */
-        {"\xf4\x90\x80\x80", 4, -2},      /* above U+10FFFF */
-        {"\xc3", 1, -1},                  /* truncated at the end: its start */
+        {"\xf4\x8f\xbf\xbf", 4, 0},  /* U+10FFFF */
+        {"ab\xff", 3, -3},           /* 0xFF at 2 */
+        {"\x80", 1, -1},             /* lone continuation */
+        {"\xc0\xaf", 2, -1},         /* overlong '/' */
+        {"\xe0\x80\xaf", 3, -2},     /* overlong: bad second byte */
+        {"\xed\xa0\x80", 3, -2},     /* surrogate D800 */
+        {"\xf4\x90\x80\x80", 4, -2}, /* above U+10FFFF */
+        {"\xc3", 1, -1},             /* truncated at the end: its start */
         {"ok\xe2\x82", 4, -3},
-        {"\xe2\x82x", 3, -3},             /* 'x' is where it breaks */
-        {"a\0b", 3, 0},                   /* NUL is valid */
+        {"\xe2\x82x", 3, -3}, /* 'x' is where it breaks */
+        {"a\0b", 3, 0},       /* NUL is valid */
     };
     for (size_t i = 0; i < CM_ARRAY_LEN(v); i++) {
         int64_t got = tok_utf8_validate(v[i].s, v[i].n);
@@ -181,8 +181,8 @@ static void test_model(const char *path, const char *src)
     /* invalid UTF-8 */
     e.msg[0] = '\0';
     int64_t r = tok_encode(v, "abc\xff", 4, false, false, NULL, 0, &e);
-    CHECK(r == -EILSEQ && strstr(e.msg, "byte 3") != NULL, "invalid utf-8: %lld '%s'",
-          (long long)r, e.msg);
+    CHECK(r == -EILSEQ && strstr(e.msg, "byte 3") != NULL, "invalid utf-8: %lld '%s'", (long long)r,
+          e.msg);
     r = tok_encode(v, "ok \xe2\x82", 5, false, false, NULL, 0, &e);
     CHECK(r == -EILSEQ && strstr(e.msg, "byte 3") != NULL, "truncated utf-8: %lld '%s'",
           (long long)r, e.msg);
@@ -200,8 +200,7 @@ static void test_model(const char *path, const char *src)
         free(d);
         free(ids);
     }
-    static const char *const files[] = {"english", "code", "cjk", "emoji", "scripts",
-                                        "numbers"};
+    static const char *const files[] = {"english", "code", "cjk", "emoji", "scripts", "numbers"};
     char p[4096];
     for (size_t k = 0; src && k < CM_ARRAY_LEN(files); k++) {
         size_t len;
@@ -250,7 +249,8 @@ static void test_model(const char *path, const char *src)
         free(ids);
         n = encode(v, s, strlen(s), false, false, &ids);
         bool any = false;
-        for (int64_t i = 0; i < n; i++) any |= ids[i] == 1 || ids[i] == 2;
+        for (int64_t i = 0; i < n; i++)
+            any |= ids[i] == 1 || ids[i] == 2;
         CHECK(!any && n > 5, "no special tokens without parse_special");
         free(ids);
         char pc[32];
@@ -298,12 +298,14 @@ static void test_model(const char *path, const char *src)
             a[i] = (thread_arg){v, text, len, 0, NULL};
             pthread_create(&th[i], NULL, thread_encode, &a[i]);
         }
-        for (int i = 0; i < 4; i++) pthread_join(th[i], NULL);
+        for (int i = 0; i < 4; i++)
+            pthread_join(th[i], NULL);
         bool same = true;
         for (int i = 1; i < 4; i++)
             same &= a[i].n == a[0].n && memcmp(a[i].ids, a[0].ids, (size_t)a[0].n * 4) == 0;
         CHECK(a[0].n > 0 && same, "threads agree");
-        for (int i = 0; i < 4; i++) free(a[i].ids);
+        for (int i = 0; i < 4; i++)
+            free(a[i].ids);
         free(text);
     }
 
@@ -344,13 +346,14 @@ static void test_model(const char *path, const char *src)
         if (eng) {
             size_t big = 1 << 20;
             char *t = malloc(big);
-            for (size_t i = 0; i < big; i++) t[i] = eng[i % len];
+            for (size_t i = 0; i < big; i++)
+                t[i] = eng[i % len];
             big = tok_utf8_complete(t, big);
             uint64_t t0 = cm_time_ns();
             int64_t n = tok_encode(v, t, big, false, false, NULL, 0, &e);
             double s = (double)(cm_time_ns() - t0) / 1e9;
-            printf("speed: 1 MB English -> %lld tokens in %.3f s (%.1f M tokens/s)\n",
-                   (long long)n, s, (double)n / s / 1e6);
+            printf("speed: 1 MB English -> %lld tokens in %.3f s (%.1f M tokens/s)\n", (long long)n,
+                   s, (double)n / s / 1e6);
             CHECK(n > 0 && s < 1.0, "1 MB of English took %.3f s", s);
 
             uint64_t x = 88172645463325252ull; /* xorshift: words that rarely repeat */
@@ -394,8 +397,14 @@ static void put(wbuf *b, const void *x, size_t n)
     memcpy(b->p + b->n, x, n);
     b->n += n;
 }
-static void put_u32(wbuf *b, uint32_t x) { put(b, &x, 4); }
-static void put_u64(wbuf *b, uint64_t x) { put(b, &x, 8); }
+static void put_u32(wbuf *b, uint32_t x)
+{
+    put(b, &x, 4);
+}
+static void put_u64(wbuf *b, uint64_t x)
+{
+    put(b, &x, 8);
+}
 static void put_str(wbuf *b, const char *s)
 {
     put_u64(b, strlen(s));
@@ -411,14 +420,14 @@ static void test_spm(void)
         const char *text;
         float score;
     } words[] = {
-        {SP, -1.0f},       /* 259 */
-        {"a", -2.0f},      /* 260 */
-        {"b", -3.0f},      /* 261 */
-        {"ab", -4.0f},     /* 262 */
-        {SP "a", -5.0f},   /* 263 */
-        {SP "ab", -0.5f},  /* 264: best score of all merges */
-        {"ba", -6.0f},     /* 265 */
-        {"c", -7.0f},      /* 266 */
+        {SP, -1.0f},      /* 259 */
+        {"a", -2.0f},     /* 260 */
+        {"b", -3.0f},     /* 261 */
+        {"ab", -4.0f},    /* 262 */
+        {SP "a", -5.0f},  /* 263 */
+        {SP "ab", -0.5f}, /* 264: best score of all merges */
+        {"ba", -6.0f},    /* 265 */
+        {"c", -7.0f},     /* 266 */
     };
     int n_tok = 3 + 256 + (int)CM_ARRAY_LEN(words);
     wbuf b = {0};
@@ -441,7 +450,8 @@ static void test_spm(void)
         snprintf(h, sizeof(h), "<0x%02X>", i);
         put_str(&b, h);
     }
-    for (size_t i = 0; i < CM_ARRAY_LEN(words); i++) put_str(&b, words[i].text);
+    for (size_t i = 0; i < CM_ARRAY_LEN(words); i++)
+        put_str(&b, words[i].text);
     put_str(&b, "tokenizer.ggml.scores");
     put_u32(&b, 9);
     put_u32(&b, 6);
@@ -458,7 +468,8 @@ static void test_spm(void)
         int32_t t = i == 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1;
         put(&b, &t, 4);
     }
-    while (b.n % 32) put(&b, "", 1);
+    while (b.n % 32)
+        put(&b, "", 1);
 
     cm_err e = {0};
     gguf_file *f = gguf_open_mem(b.p, b.n, &e);
