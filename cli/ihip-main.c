@@ -6,10 +6,12 @@
 #define _POSIX_C_SOURCE 200809L
 #include "base/cm.h"
 #include "gguf/gguf.h"
+#include "hip/hip.h"
 #include "model/model.h"
 #include "sampling/sampling.h"
 #include "tensor/tensor.h"
 #include "tokenizer/tokenizer.h"
+#include "cli.h"
 
 #include <errno.h>
 #include <math.h>
@@ -51,13 +53,20 @@ static void usage(FILE *o)
             "      --no-bos           do not add the BOS token\n"
             "      --ignore-eos       keep generating after an end-of-generation token\n"
             "      --quiet            no progress or timings on stderr\n"
+            "      --attention A      dense (default) or hip (InfiniteHiP sparse attention)\n"
+            "      --hip-preset NAME  HiP refresh preset: 3k, fast (default), flash\n"
+            "      --hip-config JSON  HiP configuration: a JSON object or a file holding one\n"
+            "                         (keys of shared/HIP.md §1; applied after the preset)\n"
             "\n"
             "ihip info -m MODEL [--json] [--no-tensors]\n"
+            "ihip mask-quality -m MODEL -f FILE [--tokens N] [--hip-preset P] [--hip-config J]\n"
+            "                  [--json]: share of the exact attention mass inside HiP's key set,\n"
+            "                  per layer, for the last 64 queries of an N-token text (default 8192)\n"
             "ihip tokenize -m MODEL (-p TEXT | -f FILE) [--no-bos] [--special]\n");
 }
 
-static int die(const char *fmt, ...) CM_PRINTF(1, 2);
-static int die(const char *fmt, ...)
+int die(const char *fmt, ...) CM_PRINTF(1, 2);
+int die(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -134,20 +143,14 @@ static char *read_file(const char *path, size_t *len)
     return buf;
 }
 
-struct opts {
-    const char *model, *prompt, *file, *system;
-    bool chat, no_bos, ignore_eos, quiet, json, no_tensors, special;
-    int64_t n_predict, n_ctx, threads, chunk;
-    int kv_type;
-    smp_params sp;
-};
 
 #define NEED_ARG()                                                                                 \
     do {                                                                                           \
         if (i + 1 >= argc) return die("option %s needs a value", a), -1;                           \
     } while (0)
 
-static int parse_opts(int argc, char **argv, struct opts *o)
+int cli_parse_opts(int argc, char **argv, struct opts *o);
+int cli_parse_opts(int argc, char **argv, struct opts *o)
 {
     memset(o, 0, sizeof(*o));
     o->n_predict = 256;
@@ -208,6 +211,21 @@ static int parse_opts(int argc, char **argv, struct opts *o)
             if (!strcmp(t, "f16")) o->kv_type = CPU_KV_F16;
             else if (!strcmp(t, "f32")) o->kv_type = CPU_KV_F32;
             else return die("--kv-type must be f16 or f32, got '%s'", t), -1;
+        } else if (!strcmp(a, "--attention")) {
+            NEED_ARG();
+            const char *t = argv[++i];
+            if (!strcmp(t, "dense")) o->hip = false;
+            else if (!strcmp(t, "hip")) o->hip = true;
+            else return die("--attention must be dense or hip, got '%s'", t), -1;
+        } else if (!strcmp(a, "--hip-preset")) {
+            NEED_ARG();
+            o->hip_preset = argv[++i];
+        } else if (!strcmp(a, "--hip-config")) {
+            NEED_ARG();
+            o->hip_config = argv[++i];
+        } else if (!strcmp(a, "--tokens")) {
+            NEED_ARG();
+            if (parse_i64(a, argv[++i], 128, (int64_t)1 << 24, &o->tokens)) return -1;
         } else if (!strcmp(a, "--no-bos")) {
             o->no_bos = true;
         } else if (!strcmp(a, "--ignore-eos")) {
@@ -229,11 +247,23 @@ static int parse_opts(int argc, char **argv, struct opts *o)
         }
     }
     if (!o->model) return die("missing -m MODEL"), -1;
+    if ((o->hip_preset || o->hip_config) && !o->hip && strcmp(argv[1], "mask-quality") != 0)
+        return die("--hip-preset and --hip-config need --attention hip"), -1;
+    return 0;
+}
+
+/* The HiP configuration the options ask for: defaults, then the preset, then the JSON. */
+int cli_hip_config(const struct opts *o, hip_config *hc, cm_err *err)
+{
+    hip_config_default(hc);
+    if (o->hip_preset && hip_config_preset(hc, o->hip_preset, err) < 0) return err->code;
+    if (o->hip_config && hip_config_parse(hc, o->hip_config, err) < 0) return err->code;
     return 0;
 }
 
 /* Prompt text from -p or -f; validated as UTF-8. Caller frees. */
-static char *get_prompt(const struct opts *o, size_t *len)
+char *cli_get_prompt(const struct opts *o, size_t *len);
+char *cli_get_prompt(const struct opts *o, size_t *len)
 {
     if (o->prompt && o->file) return die("give either -p or -f, not both"), NULL;
     char *text;
@@ -262,7 +292,9 @@ static char *get_prompt(const struct opts *o, size_t *len)
     return text;
 }
 
-static int32_t *tokenize_all(const tok_vocab *v, const char *text, size_t len, bool bos,
+int32_t *cli_tokenize_all(const tok_vocab *v, const char *text, size_t len, bool bos,
+                          bool special, int64_t *n_out);
+int32_t *cli_tokenize_all(const tok_vocab *v, const char *text, size_t len, bool bos,
                              bool special, int64_t *n_out)
 {
     cm_err err = {0};
@@ -290,7 +322,7 @@ static int32_t *tokenize_all(const tok_vocab *v, const char *text, size_t len, b
 static int cmd_info(int argc, char **argv)
 {
     struct opts o;
-    if (parse_opts(argc, argv, &o)) return 2;
+    if (cli_parse_opts(argc, argv, &o)) return 2;
     cm_err err = {0};
     gguf_file *f = gguf_open(o.model, &err);
     if (!f) return die("%s", err.msg);
@@ -302,9 +334,9 @@ static int cmd_info(int argc, char **argv)
 static int cmd_tokenize(int argc, char **argv)
 {
     struct opts o;
-    if (parse_opts(argc, argv, &o)) return 2;
+    if (cli_parse_opts(argc, argv, &o)) return 2;
     size_t len;
-    char *text = get_prompt(&o, &len);
+    char *text = cli_get_prompt(&o, &len);
     if (!text) return 1;
     cm_err err = {0};
     gguf_file *f = gguf_open(o.model, &err);
@@ -313,7 +345,7 @@ static int cmd_tokenize(int argc, char **argv)
     gguf_close(f);
     if (!v) return free(text), die("%s", err.msg);
     int64_t n;
-    int32_t *ids = tokenize_all(v, text, len, !o.no_bos && tok_add_bos(v), o.special, &n);
+    int32_t *ids = cli_tokenize_all(v, text, len, !o.no_bos && tok_add_bos(v), o.special, &n);
     free(text);
     if (!ids) return tok_vocab_free(v), 1;
     for (int64_t i = 0; i < n; i++) printf("%s%d", i ? " " : "", ids[i]);
@@ -343,11 +375,11 @@ static int on_progress(void *user, int64_t done, int64_t total)
 static int cmd_generate(int argc, char **argv)
 {
     struct opts o;
-    if (parse_opts(argc, argv, &o)) return 2;
+    if (cli_parse_opts(argc, argv, &o)) return 2;
     cm_err err = {0};
     if (smp_params_validate(&o.sp, &err) < 0) return die("%s", err.msg);
     size_t len;
-    char *text = get_prompt(&o, &len);
+    char *text = cli_get_prompt(&o, &len);
     if (!text) return 1;
 
     int ret = 1;
@@ -399,7 +431,7 @@ static int cmd_generate(int argc, char **argv)
         if (bt && strncmp(ptext, bt, strlen(bt)) == 0) add_bos = false;
     }
     int64_t n_prompt;
-    ids = tokenize_all(v, ptext, plen, add_bos, special, &n_prompt);
+    ids = cli_tokenize_all(v, ptext, plen, add_bos, special, &n_prompt);
     if (!ids) goto out;
     if (n_prompt == 0) {
         die("the prompt has no tokens");
@@ -422,6 +454,15 @@ static int cmd_generate(int argc, char **argv)
         die("%s", err.msg);
         goto out;
     }
+    if (o.hip) {
+        hip_config hc;
+        mdl_attn attn;
+        if (cli_hip_config(&o, &hc, &err) < 0 || hip_attn_provider_init(&attn, m, &hc, &err) < 0) {
+            die("HiP attention: %s", err.msg);
+            goto out;
+        }
+        mdl_ctx_set_attn(c, &attn);
+    }
     smp = smp_init(&o.sp, m->hp.n_vocab);
     int32_t *hist = realloc(ids, sizeof(int32_t) * (size_t)(n_prompt + o.n_predict));
     if (!smp || !hist) {
@@ -431,9 +472,11 @@ static int cmd_generate(int argc, char **argv)
     ids = hist;
     t_load = cm_time_ns() - t_load;
     if (!o.quiet)
-        fprintf(stderr, "ihip: %s (%s, %lld layers), %lld prompt tokens, ctx %lld, %d threads, %s\n",
+        fprintf(stderr, "ihip: %s (%s, %lld layers), %lld prompt tokens, ctx %lld, %d threads, %s, "
+                "%s attention\n",
                 o.model, m->hp.arch, (long long)m->hp.n_layer, (long long)n_prompt,
-                (long long)c->params.n_ctx, cm_pool_size(c->pool), tn_simd_name(tn_simd_level()));
+                (long long)c->params.n_ctx, cm_pool_size(c->pool), tn_simd_name(tn_simd_level()),
+                c->attn.name);
 
     struct progress_state ps = {.quiet = o.quiet, .t0 = cm_time_ns()};
     uint64_t t0 = cm_time_ns();
@@ -519,6 +562,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "generate")) return cmd_generate(argc, argv);
     if (!strcmp(cmd, "info")) return cmd_info(argc, argv);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc, argv);
+    if (!strcmp(cmd, "mask-quality")) return cmd_mask_quality(argc, argv);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("ihip %s (simd: %s)\n", IHIP_VERSION, tn_simd_name(tn_simd_level()));
         return 0;

@@ -108,6 +108,11 @@ with tempfile.TemporaryDirectory() as td:
     expect_error("missing prompt file", ["generate"] + M + ["-f", P(td, "none.txt")], "none.txt")
     expect_error("unknown option", ["generate"] + M + ["-p", "hi", "--bogus"], "--bogus")
     expect_error("option without value", ["generate"] + M + ["-p"], "-p")
+    expect_error("bad attention", ["generate"] + M + ["-p", "hi", "--attention", "sparse"], "--attention")
+    expect_error("unknown HiP preset", ["generate"] + M + ["-p", "hi", "--attention", "hip", "--hip-preset", "warp"], "warp")
+    expect_error("HiP config bad JSON", ["generate"] + M + ["-p", "hi", "--attention", "hip", "--hip-config", "{\"sink_token_size\": }"], "HiP")
+    expect_error("HiP config unknown key", ["generate"] + M + ["-p", "hi", "--attention", "hip", "--hip-config", "{\"bogus_key\": 1}"], "bogus_key")
+    expect_error("HiP preset without hip", ["generate"] + M + ["-p", "hi", "--hip-preset", "fast"], "--attention hip")
 
 # positive smoke runs
 r = run(["generate", "-m", MODEL, "-p", "The capital of France is", "-n", "8", "--temp", "0"])
@@ -116,6 +121,13 @@ if r.returncode == 0 and len(r.stdout.strip()) > 0 and b"decode" in r.stderr:
 else:
     failed += 1
     print("FAIL generate smoke:", r.returncode, r.stdout[:200], r.stderr[-500:])
+r = run(["generate", "-m", MODEL, "-p", "The capital of France is", "-n", "8", "--temp", "0",
+         "--attention", "hip", "--hip-preset", "flash"])
+if r.returncode == 0 and len(r.stdout.strip()) > 0 and b"hip attention" in r.stderr:
+    passed += 1
+else:
+    failed += 1
+    print("FAIL generate --attention hip smoke:", r.returncode, r.stdout[:200], r.stderr[-500:])
 r = run(["info", "-m", MODEL, "--json"])
 try:
     j = json.loads(r.stdout)
