@@ -15,6 +15,7 @@
 #include "../../tensor/tensor.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdatomic.h>
 #include <string.h>
 
@@ -174,12 +175,16 @@ static void attn_item(struct attn_job *j, int64_t item, float *kt, float *vt, fl
     for (int64_t k0 = k_lo; k0 < k_hi; k0 += KT) {
         int nk = (int)CM_MIN(KT, k_hi - k0);
         load_tile(j, g, k0, nk, kt, vt);
-        /* transpose keys to [d][KT] (zero-padded) so scores of 8 keys come from one FMA chain */
-        for (int e = 0; e < d; e++) {
-            float *row = ktT + (size_t)e * KT;
-            for (int i = 0; i < nk; i++) row[i] = kt[(size_t)i * d + e];
-            for (int i = nk; i < KT; i++) row[i] = 0.0f;
-        }
+        /* Many query rows (prefill): transpose keys to [d][KT] (zero-padded) so the scores of 8
+         * keys come from one FMA chain. One row (decode): the transpose would cost more than
+         * it saves; dot each key directly. */
+        bool transposed = nr * G >= 8;
+        if (transposed)
+            for (int e = 0; e < d; e++) {
+                float *row = ktT + (size_t)e * KT;
+                for (int i = 0; i < nk; i++) row[i] = kt[(size_t)i * d + e];
+                for (int i = nk; i < KT; i++) row[i] = 0.0f;
+            }
         for (int r = 0; r < nr; r++) {
             int64_t p = j->pos0 + t_lo + r; /* this row sees keys ≤ p */
             if (k0 > p) continue;
@@ -187,7 +192,10 @@ static void attn_item(struct attn_job *j, int64_t item, float *kt, float *vt, fl
             for (int h = 0; h < G; h++) {
                 const float *qv = qr + ((size_t)r * G + h) * d;
                 float *pm = part + ((size_t)r * G + h) * (d + 2);
-                tile_scores(qv, ktT, d, n, sc);
+                if (transposed)
+                    tile_scores(qv, ktT, d, n, sc);
+                else
+                    for (int i = 0; i < n; i++) sc[i] = cpu_dot_f32(qv, kt + (size_t)i * d, d);
                 float mx = -INFINITY;
                 for (int i = 0; i < n; i++)
                     if (sc[i] > mx) mx = sc[i];

@@ -187,7 +187,19 @@ void cpu_rope_apply(const cpu_rope *r, float *x, int64_t pos)
             x[i + half] = a * s + b * c;
         }
     } else {
-        for (int i = 0; i < half; i++) {
+        int i = 0;
+#if CPU_HAVE_AVX2
+        /* x = (a0 b0 a1 b1 ..), cs = (c0 s0 c1 s1 ..): even lanes a*c - b*s, odd lanes b*c + a*s,
+         * i.e. fmaddsub(x, dup(c), swap(x) * dup(s)) — same products and roundings as below */
+        for (; 2 * i + 8 <= 2 * half; i += 4) {
+            __m256 xv = _mm256_loadu_ps(x + 2 * i), csv = _mm256_loadu_ps(cs + 2 * i);
+            __m256 sw = _mm256_permute_ps(xv, 0xB1);
+            __m256 rv = _mm256_fmaddsub_ps(xv, _mm256_moveldup_ps(csv),
+                                          _mm256_mul_ps(sw, _mm256_movehdup_ps(csv)));
+            _mm256_storeu_ps(x + 2 * i, rv);
+        }
+#endif
+        for (; i < half; i++) {
             float a = x[2 * i], b = x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
             x[2 * i] = a * c - b * s;
             x[2 * i + 1] = a * s + b * c;
