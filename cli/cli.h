@@ -17,6 +17,10 @@ struct opts {
     bool hip;
     const char *hip_preset, *hip_config;
     int64_t tokens;
+    const char *addr;   /* chat: the decode worker */
+    int64_t timeout_ms; /* chat: call deadline (0 = none) */
+    bool raw;           /* chat: send the prompt as raw text, no chat template */
+    bool sp_set[5];     /* chat: which of temp, top-k, top-p, min-p, seed were given */
     smp_params sp;
 };
 
@@ -33,5 +37,6 @@ int cli_hip_config(const struct opts *o, hip_config *hc, cm_err *err);
 int die(const char *fmt, ...) CM_PRINTF(1, 2);
 
 int cmd_mask_quality(int argc, char **argv);
+int cmd_chat(int argc, char **argv);
 
 #endif /* CLI_H */

@@ -28,7 +28,8 @@ static void usage(FILE *o)
             "usage: ihip <command> [options]\n"
             "\n"
             "commands:\n"
-            "  generate   stream a completion of a prompt\n"
+            "  generate   stream a completion of a prompt (in this process)\n"
+            "  chat       stream an answer from a running decode worker over gRPC\n"
             "  info       print a model's metadata and tensors\n"
             "  tokenize   print the token ids of a text\n"
             "  version    print the version\n"
@@ -58,6 +59,9 @@ static void usage(FILE *o)
             "      --hip-config JSON  HiP configuration: a JSON object or a file holding one\n"
             "                         (keys of shared/HIP.md §1; applied after the preset)\n"
             "\n"
+            "ihip chat --addr HOST:PORT (-p PROMPT | -f FILE) [--raw] [-n N] [--temp T] [--top-k K]\n"
+            "          [--top-p P] [--min-p P] [--seed S] [--timeout-ms MS] [--system TEXT]\n"
+            "                  the prompt is a user message (chat template on the worker) unless --raw\n"
             "ihip info -m MODEL [--json] [--no-tensors]\n"
             "ihip mask-quality -m MODEL -f FILE [--tokens N] [--hip-preset P] [--hip-config J]\n"
             "                  [--json]: share of the exact attention mass inside HiP's key set,\n"
@@ -179,16 +183,20 @@ int cli_parse_opts(int argc, char **argv, struct opts *o)
         } else if (!strcmp(a, "--temp")) {
             NEED_ARG();
             if (parse_f(a, argv[++i], &o->sp.temperature)) return -1;
+            o->sp_set[0] = true;
         } else if (!strcmp(a, "--top-k")) {
             NEED_ARG();
             if (parse_i64(a, argv[++i], 0, INT32_MAX, &v)) return -1;
             o->sp.top_k = (int32_t)v;
+            o->sp_set[1] = true;
         } else if (!strcmp(a, "--top-p")) {
             NEED_ARG();
             if (parse_f(a, argv[++i], &o->sp.top_p)) return -1;
+            o->sp_set[2] = true;
         } else if (!strcmp(a, "--min-p")) {
             NEED_ARG();
             if (parse_f(a, argv[++i], &o->sp.min_p)) return -1;
+            o->sp_set[3] = true;
         } else if (!strcmp(a, "--repeat-penalty")) {
             NEED_ARG();
             if (parse_f(a, argv[++i], &o->sp.repeat_penalty)) return -1;
@@ -196,6 +204,7 @@ int cli_parse_opts(int argc, char **argv, struct opts *o)
             NEED_ARG();
             if (parse_i64(a, argv[++i], 0, INT64_MAX, &v)) return -1;
             o->sp.seed = (uint64_t)v;
+            o->sp_set[4] = true;
         } else if (!strcmp(a, "--ctx")) {
             NEED_ARG();
             if (parse_i64(a, argv[++i], 1, (int64_t)1 << 32, &o->n_ctx)) return -1;
@@ -226,6 +235,14 @@ int cli_parse_opts(int argc, char **argv, struct opts *o)
         } else if (!strcmp(a, "--tokens")) {
             NEED_ARG();
             if (parse_i64(a, argv[++i], 128, (int64_t)1 << 24, &o->tokens)) return -1;
+        } else if (!strcmp(a, "--addr")) {
+            NEED_ARG();
+            o->addr = argv[++i];
+        } else if (!strcmp(a, "--timeout-ms")) {
+            NEED_ARG();
+            if (parse_i64(a, argv[++i], 0, (int64_t)1 << 40, &o->timeout_ms)) return -1;
+        } else if (!strcmp(a, "--raw")) {
+            o->raw = true;
         } else if (!strcmp(a, "--no-bos")) {
             o->no_bos = true;
         } else if (!strcmp(a, "--ignore-eos")) {
@@ -246,7 +263,8 @@ int cli_parse_opts(int argc, char **argv, struct opts *o)
             return -1;
         }
     }
-    if (!o->model) return die("missing -m MODEL"), -1;
+    if (!o->model && strcmp(argv[1], "chat") != 0) return die("missing -m MODEL"), -1;
+    if (!strcmp(argv[1], "chat") && !o->addr) return die("missing --addr HOST:PORT"), -1;
     if ((o->hip_preset || o->hip_config) && !o->hip && strcmp(argv[1], "mask-quality") != 0)
         return die("--hip-preset and --hip-config need --attention hip"), -1;
     return 0;
@@ -563,6 +581,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "info")) return cmd_info(argc, argv);
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc, argv);
     if (!strcmp(cmd, "mask-quality")) return cmd_mask_quality(argc, argv);
+    if (!strcmp(cmd, "chat")) return cmd_chat(argc, argv);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("ihip %s (simd: %s)\n", IHIP_VERSION, tn_simd_name(tn_simd_level()));
         return 0;

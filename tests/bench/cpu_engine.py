@@ -73,7 +73,10 @@ def main():
         res["ours"] = (n / tp, args.decode / td)
         rows.append((n, res))
         print(f"ctx {n}: done", file=sys.stderr)
-    print(f"threads {T}, decode {args.decode} tokens, model {os.path.basename(ic.MODEL)}")
+    la = os.getloadavg()
+    print(f"threads {T}, decode {args.decode} tokens, model {os.path.basename(ic.MODEL)}, "
+          f"load average at the end {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} (1/5/15 min; > threads means "
+          f"other processes competed for the cores, which hurts llama.cpp's spinning threads more)")
     print(f"| prompt | prefill ours tok/s | prefill llama.cpp tok/s | ratio | decode ours tok/s | decode llama.cpp tok/s | ratio |")
     print(f"|---:|---:|---:|---:|---:|---:|---:|")
     for n, r in rows:
