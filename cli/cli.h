@@ -38,5 +38,6 @@ int die(const char *fmt, ...) CM_PRINTF(1, 2);
 
 int cmd_mask_quality(int argc, char **argv);
 int cmd_chat(int argc, char **argv);
+int cmd_health(int argc, char **argv);
 
 #endif /* CLI_H */

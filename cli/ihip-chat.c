@@ -8,10 +8,12 @@
 #include "cli.h"
 #include "rpc/rpc.h"
 #include "infinitehip/v1/generator.pb-c.h"
+#include "grpc/health/v1/health.pb-c.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 static const char *finish_name(int r)
 {
@@ -142,4 +144,42 @@ out:
     rpc_arena_free(arena);
     free(text);
     return ret;
+}
+
+/* `ihip health --addr HOST:PORT [--timeout-ms MS]`: poll grpc.health.v1 Check (overall
+ * server status) until SERVING or the timeout passes (default 0: ask once). Exit 0 if SERVING. */
+int cmd_health(int argc, char **argv)
+{
+    struct opts o;
+    if (cli_parse_opts(argc, argv, &o)) return 2;
+    cm_err err = {0};
+    rpc_channel *ch = NULL;
+    rpc_arena *arena = rpc_arena_init(0);
+    if (!arena || rpc_channel_open(&ch, o.addr, 0, &err) < 0) {
+        rpc_arena_free(arena);
+        return die("cannot open a channel to %s", o.addr);
+    }
+    Grpc__Health__V1__HealthCheckRequest req = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+    req.service = (char *)(uintptr_t) "";
+    uint64_t end = cm_time_ns() + (uint64_t)o.timeout_ms * 1000000ull;
+    int status = -1;
+    rpc_status st = {0};
+    for (;;) {
+        ProtobufCMessage *m = NULL;
+        int rc = rpc_unary(ch, "/grpc.health.v1.Health/Check", &req.base,
+                           &grpc__health__v1__health_check_response__descriptor, arena, &m, 1000, &st);
+        status = rc == 0 ? (int)((Grpc__Health__V1__HealthCheckResponse *)m)->status : -1;
+        rpc_arena_reset(arena);
+        if (status == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING ||
+            cm_time_ns() >= end)
+            break;
+        struct timespec ts = {0, 100 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    rpc_channel_free(ch);
+    rpc_arena_free(arena);
+    const ProtobufCEnumValue *v = status >= 0 ? protobuf_c_enum_descriptor_get_value(
+        &grpc__health__v1__health_check_response__serving_status__descriptor, status) : NULL;
+    printf("%s: %s\n", o.addr, v ? v->name : rpc_code_name(st.code));
+    return status == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING ? 0 : 1;
 }

@@ -62,6 +62,7 @@ static void usage(FILE *o)
             "ihip chat --addr HOST:PORT (-p PROMPT | -f FILE) [--raw] [-n N] [--temp T] [--top-k K]\n"
             "          [--top-p P] [--min-p P] [--seed S] [--timeout-ms MS] [--system TEXT]\n"
             "                  the prompt is a user message (chat template on the worker) unless --raw\n"
+            "ihip health --addr HOST:PORT [--timeout-ms MS]   wait until the worker is SERVING\n"
             "ihip info -m MODEL [--json] [--no-tensors]\n"
             "ihip mask-quality -m MODEL -f FILE [--tokens N] [--hip-preset P] [--hip-config J]\n"
             "                  [--json]: share of the exact attention mass inside HiP's key set,\n"
@@ -263,8 +264,9 @@ int cli_parse_opts(int argc, char **argv, struct opts *o)
             return -1;
         }
     }
-    if (!o->model && strcmp(argv[1], "chat") != 0) return die("missing -m MODEL"), -1;
-    if (!strcmp(argv[1], "chat") && !o->addr) return die("missing --addr HOST:PORT"), -1;
+    bool remote = !strcmp(argv[1], "chat") || !strcmp(argv[1], "health");
+    if (!o->model && !remote) return die("missing -m MODEL"), -1;
+    if (remote && !o->addr) return die("missing --addr HOST:PORT"), -1;
     if ((o->hip_preset || o->hip_config) && !o->hip && strcmp(argv[1], "mask-quality") != 0)
         return die("--hip-preset and --hip-config need --attention hip"), -1;
     return 0;
@@ -582,6 +584,7 @@ int main(int argc, char **argv)
     if (!strcmp(cmd, "tokenize")) return cmd_tokenize(argc, argv);
     if (!strcmp(cmd, "mask-quality")) return cmd_mask_quality(argc, argv);
     if (!strcmp(cmd, "chat")) return cmd_chat(argc, argv);
+    if (!strcmp(cmd, "health")) return cmd_health(argc, argv);
     if (!strcmp(cmd, "version") || !strcmp(cmd, "--version")) {
         printf("ihip %s (simd: %s)\n", IHIP_VERSION, tn_simd_name(tn_simd_level()));
         return 0;
