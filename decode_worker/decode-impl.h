@@ -1,0 +1,114 @@
+/*
+ * decode-impl.h — internals shared by the files of the decode worker (ihip-decode-worker).
+ *
+ * The decode worker is the front door of the service: Generator.Generate arrives here, the
+ * prompt's K/V is built by a prefill worker (Prefiller.Prefill) into the node's kvstore segment,
+ * and this worker pages it into a per-sequence model context and decodes, streaming tokens.
+ *
+ *   decode-main.c      configuration table (flags, IHIP_* env, dump), model + store set-up,
+ *                      Tokenize / ModelInfo / Admin.GetStats, signals and shutdown;
+ *   decode-generate.c  Generate: validation and admission (RPC thread), the per-request
+ *                      prefill thread (prefill-worker choice, Prefill call, lease, paging),
+ *                      and the scheduler thread that owns every active sequence and advances
+ *                      each by one decode step per round (continuous batching).
+ *
+ * Threads: RPC threads run handlers (never block); one short-lived "prefill" thread per
+ * admitted request (blocking client call to a prefill worker, then loading the blocks); one
+ * scheduler thread (all decode steps). The global `decode_g` is written once at start-up,
+ * except the fields under `mu`.
+ */
+#ifndef DECODE_IMPL_H
+#define DECODE_IMPL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "base/cm.h"
+#include "hip/hip.h"
+#include "kvstore.h"
+#include "model/model.h"
+#include "rpc/rpc.h"
+#include "tokenizer/tokenizer.h"
+
+#define DECODE_VERSION "0.1.0"
+#define DECODE_MAX_PREFILL 16 /* prefill worker addresses in --prefill */
+
+/* The effective configuration (decode-main.c's table fills it). */
+typedef struct decode_config {
+    const char *model;
+    const char *listen;
+    const char *prefill; /* comma-separated list as given */
+    const char *kv_name;
+    const char *kv_dir;
+    int64_t kv_blocks; /* RAM blocks of a segment this worker creates */
+    int64_t kv_tpb;    /* tokens per block of a segment this worker creates */
+    int64_t threads;   /* CPU threads per sequence context */
+    int64_t rpc_threads;
+    const char *attention;      /* "dense" or "hip" */
+    const char *hip_preset;     /* "" = the HiP default ("fast") */
+    const char *hip_config;     /* JSON text or a file holding it; "" = none */
+    int64_t max_seqs;           /* sequences admitted at once (prefilling + decoding) */
+    int64_t max_kv_bytes;       /* sum of admitted sequences' KV bytes (context caches) */
+    int64_t max_tokens_limit;   /* largest GenerateRequest.max_tokens */
+    int64_t default_max_tokens; /* max_tokens when a request leaves it 0 */
+    int64_t max_prompt_tokens;  /* 0 = ctx - 1 */
+    int64_t max_upload_bytes;   /* GenerateStream: prompt bytes uploaded as text / chat */
+    int64_t ctx;                /* per-sequence context capacity (prompt + generated) */
+    int64_t retry_delay_ms;     /* retry-delay-ms of RESOURCE_EXHAUSTED */
+    int64_t health_timeout_ms;  /* health Check of a prefill worker */
+    int64_t grace_ms;           /* shutdown grace for in-flight streams */
+    int64_t prefill_logits;     /* 1: ask Prefill for the last logits; 0: decode the last
+                                   prompt token here instead */
+    bool verbose;
+} decode_config;
+
+typedef struct decode_global {
+    decode_config cfg;
+    rpc_server *server;
+    mdl_model *model;
+    tok_vocab *vocab;
+    kvstore *kv;
+    char kv_path[512];      /* segment file path (PrefillRequest.kv_segment) */
+    char fingerprint[32];   /* ModelInfo.fingerprint: 16 hex digits of the geometry's */
+    uint32_t kv_elem_type;  /* row type of our contexts (CPU_KV_F16 = kvstore F16) */
+    hip_config hip_default; /* --hip-preset + --hip-config applied */
+    char *hip_config_text;  /* --hip-config's JSON text (file read), forwarded to prefill */
+    bool hip_on;            /* --attention hip */
+    int n_prefill;
+    char *prefill_addr[DECODE_MAX_PREFILL];
+    uint64_t t_start;
+
+    pthread_mutex_t mu;   /* guards everything below */
+    pthread_cond_t cv;    /* scheduler wake-up */
+    atomic_bool ready;    /* model loaded and store attached */
+    atomic_bool stopping; /* shutdown began (read without the lock by the engine threads) */
+    unsigned rr;          /* round-robin cursor over prefill_addr */
+    int n_admitted;       /* sequences admitted and not yet freed */
+    int64_t kv_bytes;     /* their reserved context bytes */
+    int n_threads_live;   /* prefill threads running */
+    /* counters */
+    uint64_t n_completed, n_cancelled, n_failed, n_rejected, n_tokens, n_stalls, n_rounds;
+    uint64_t n_prefill_unavailable;
+} decode_global;
+
+extern decode_global decode_g;
+
+/* decode-generate.c */
+void decode_on_generate(rpc_call *c, const ProtobufCMessage *req, void *user);
+/* on_cancel of Generate / GenerateStream: cancels the call's Prefill call at once. */
+void decode_on_generate_cancel(rpc_call *c, void *user);
+/* GenerateStream (bidi): header, prompt chunks, half-close → the same stream as Generate. */
+void decode_on_generate_stream(rpc_call *c, const ProtobufCMessage *req, void *user);
+/* Start / stop the scheduler thread (stop: every sequence ends, leases are released). */
+int decode_sched_start(cm_err *err);
+void decode_sched_stop(void);
+/* Active sequences in the scheduler (for stats). */
+int decode_sched_active(void);
+
+/* decode-main.c */
+/* KV bytes of a context of n_ctx tokens (K and V of every layer). */
+int64_t decode_ctx_bytes(int64_t n_ctx);
+
+#endif /* DECODE_IMPL_H */
