@@ -27,12 +27,85 @@ mdl_ctx_params mdl_ctx_default_params(void)
 }
 
 /* ---- the dense attention provider ------------------------------------------------------------ */
+/*
+ * The cache holds un-rotated keys (HIP.md §4). Dense attention sees every key at its true
+ * position, so rotating all T keys on every decode step would cost as much as the dot products;
+ * the dense provider therefore keeps its own derived copy of the keys rotated at their true
+ * positions (same element type), filled as tokens are appended. `n_valid[il]` counts the leading
+ * rows of layer il that are current: rows written behind the provider's back (a KV load from the
+ * store after a reset) are rotated on the next call. The copy is allocated on first use, once.
+ */
+struct dense_state {
+    void **krot;       /* [n_layer] → [n_ctx][n_head_kv*head_dim] rotated keys, or NULL */
+    int64_t *n_valid;  /* [n_layer] */
+    int64_t n_layer;
+};
+
+static void dense_free(void *self)
+{
+    struct dense_state *d = self;
+    if (!d) return;
+    if (d->krot)
+        for (int64_t il = 0; il < d->n_layer; il++) cm_free_aligned(d->krot[il]);
+    free(d->krot);
+    free(d->n_valid);
+    free(d);
+}
+
+static void dense_reset(void *self)
+{
+    struct dense_state *d = self;
+    if (d && d->n_valid) memset(d->n_valid, 0, sizeof(int64_t) * (size_t)d->n_layer);
+}
+
+struct rot_job {
+    mdl_ctx *c;
+    const void *src;
+    void *dst;
+    int64_t lo, hi;
+};
+
+static void rotate_rows(void *p, int ith, int nth)
+{
+    struct rot_job *j = p;
+    const mdl_hparams *hp = &j->c->model->hp;
+    int64_t kvd = hp->n_head_kv * hp->head_dim, lo, hi;
+    cm_split_range(j->hi - j->lo, ith, nth, &lo, &hi);
+    float row[4096];
+    CM_ASSERT(kvd <= 4096);
+    for (int64_t t = j->lo + lo; t < j->lo + hi; t++) {
+        const char *sr = (const char *)j->src + (size_t)t * j->c->kv_row_bytes;
+        char *dr = (char *)j->dst + (size_t)t * j->c->kv_row_bytes;
+        if (j->c->params.kv_type == CPU_KV_F16) tn_dequant_row(TN_F16, sr, row, kvd);
+        else memcpy(row, sr, sizeof(float) * (size_t)kvd);
+        for (int64_t h = 0; h < hp->n_head_kv; h++) cpu_rope_apply(&j->c->rope, row + h * hp->head_dim, t);
+        if (j->c->params.kv_type == CPU_KV_F16) tn_quantize_row(TN_F16, row, dr, kvd);
+        else memcpy(dr, row, sizeof(float) * (size_t)kvd);
+    }
+}
 
 static int dense_attend(void *self, mdl_ctx *c, int il, const float *q, int64_t pos0,
                         int64_t n_tok, float *out)
 {
-    (void)self;
+    struct dense_state *d = self;
     const mdl_hparams *hp = &c->model->hp;
+    if (!d->krot) {
+        d->n_layer = hp->n_layer;
+        d->krot = calloc((size_t)hp->n_layer, sizeof(void *));
+        d->n_valid = calloc((size_t)hp->n_layer, sizeof(int64_t));
+        if (!d->krot || !d->n_valid) return -ENOMEM;
+        for (int64_t l = 0; l < hp->n_layer; l++) {
+            d->krot[l] = cm_alloc_aligned(c->kv_row_bytes * (size_t)c->params.n_ctx, 64);
+            if (!d->krot[l]) return -ENOMEM;
+        }
+    }
+    int64_t from = CM_MIN(d->n_valid[il], pos0);
+    struct rot_job rj = {.c = c, .src = c->k_cache[il], .dst = d->krot[il], .lo = from,
+                         .hi = pos0 + n_tok};
+    if (rj.hi - rj.lo > 1) cm_pool_run(c->pool, rotate_rows, &rj);
+    else rotate_rows(&rj, 0, 1);
+    d->n_valid[il] = pos0 + n_tok;
+
     cpu_attn_shape s = {
         .n_head = (int)hp->n_head,
         .n_head_kv = (int)hp->n_head_kv,
@@ -40,14 +113,22 @@ static int dense_attend(void *self, mdl_ctx *c, int il, const float *q, int64_t 
         .scale = 1.0f / sqrtf((float)hp->head_dim),
     };
     cpu_kv_layer kv = {
-        .k = c->k_cache[il], .v = c->v_cache[il], .kv_type = c->params.kv_type,
-        .row_bytes = c->kv_row_bytes,
+        .k = d->krot[il], .v = c->v_cache[il], .kv_type = c->params.kv_type,
+        .row_bytes = c->kv_row_bytes, .k_rotated = true,
     };
     cpu_attn_dense(c->pool, &s, &c->rope, &kv, q, pos0, n_tok, out, c->attn_scratch);
     return 0;
 }
 
-static const mdl_attn dense_provider = {.name = "dense", .attend = dense_attend};
+/* A fresh dense provider (its rotated-key copy is allocated on first use). */
+static int dense_provider_init(mdl_attn *a)
+{
+    struct dense_state *d = calloc(1, sizeof(*d));
+    if (!d) return -ENOMEM;
+    *a = (mdl_attn){.name = "dense", .attend = dense_attend, .reset = dense_reset,
+                    .free = dense_free, .self = d};
+    return 0;
+}
 
 /* ---- context --------------------------------------------------------------------------------- */
 
@@ -72,7 +153,7 @@ mdl_ctx *mdl_ctx_init(const mdl_model *m, const mdl_ctx_params *pp, cm_err *err)
     if (!c) goto oom;
     c->model = m;
     c->params = p;
-    c->attn = dense_provider;
+    if (dense_provider_init(&c->attn) < 0) goto oom;
     c->pool = cm_pool_init(p.n_threads);
     if (!c->pool) goto oom;
     if (cpu_rope_init(&c->rope, hp->rope_style, (int)hp->head_dim, (int)hp->n_rot, hp->rope_base,
@@ -155,7 +236,9 @@ void mdl_ctx_reset(mdl_ctx *c)
 void mdl_ctx_set_attn(mdl_ctx *c, const mdl_attn *a)
 {
     if (c->attn.free) c->attn.free(c->attn.self);
-    c->attn = a ? *a : dense_provider;
+    memset(&c->attn, 0, sizeof(c->attn));
+    if (a) c->attn = *a;
+    else if (dense_provider_init(&c->attn) < 0) CM_ABORT("out of memory for the dense provider");
 }
 
 const float *mdl_ctx_logits(const mdl_ctx *c)

@@ -82,7 +82,7 @@ static void load_tile(const struct attn_job *j, int g, int64_t k0, int nk, float
                 vd[e] = tn_fp16_to_fp32(vh[e]);
             }
         }
-        cpu_rope_apply(j->rope, kd, t);
+        if (!kv->k_rotated) cpu_rope_apply(j->rope, kd, t);
     }
 }
 

@@ -74,6 +74,8 @@ typedef struct cpu_kv_layer {
     const void *v;
     int kv_type;
     size_t row_bytes;
+    bool k_rotated; /* keys are already rotated to their true positions (a provider's derived
+                       copy, see the dense provider in model.c); only queries are rotated */
 } cpu_kv_layer;
 
 typedef struct cpu_attn_shape {
