@@ -851,7 +851,8 @@ int kvs_rebuild(kvstore *kv, bool fix, cm_err *err)
     uint8_t *ram_used = calloc(L->n_ram ? L->n_ram : 1, 1);
     uint8_t *spill_used = calloc(L->n_spill ? L->n_spill : 1, 1);
     uint8_t *seen = calloc(L->n_blocks > L->n_ram ? L->n_blocks : L->n_ram, 1);
-    if (!lease_cnt || !ref || !ram_used || !spill_used || !seen) {
+    uint8_t *held = calloc(L->n_blocks ? L->n_blocks : 1, 1); /* orphaned moving blocks */
+    if (!lease_cnt || !ref || !ram_used || !spill_used || !seen || !held) {
         rc = cm_err_set(err, -ENOMEM, "kvstore: out of memory in rebuild");
         goto out;
     }
@@ -963,8 +964,12 @@ int kvs_rebuild(kvstore *kv, bool fix, cm_err *err)
             goto out;
         }
         if (k->flags & KVS_BLOCK_MOVING) {
-            bool live = ref[b] && tier == KVS_TIER_RAM && k->move_slot < L->n_spill &&
-                        kvs_owner_alive_locked(kv, k->move_owner, k->move_owner_gen);
+            bool alive = k->move_slot < L->n_spill &&
+                         kvs_owner_alive_locked(kv, k->move_owner, k->move_owner_gen);
+            /* orphaned: freed while its mover writes it out; record and slot wait for the mover */
+            bool orphan = alive && ref[b] == 0 && tier == KVS_TIER_NONE;
+            bool live = (alive && ref[b] && tier == KVS_TIER_RAM) || orphan;
+            if (orphan) held[b] = 1;
             if (!live) {
                 MISMATCH("kvstore: block %u has a stale spill move", b);
                 k->flags &= ~(uint32_t)KVS_BLOCK_MOVING;
@@ -1020,13 +1025,13 @@ int kvs_rebuild(kvstore *kv, bool fix, cm_err *err)
     for (int t = 0; t < 3; t++) {
         uint32_t n_free = 0;
         for (uint32_t i = 0; i < st[t].cap; i++) {
-            bool is_free = st[t].used ? !st[t].used[i] : ref[i] == 0;
+            bool is_free = st[t].used ? !st[t].used[i] : (ref[i] == 0 && !held[i]);
             n_free += is_free;
         }
         if (fix) {
             uint32_t top = 0;
             for (uint32_t i = st[t].cap; i-- > 0;) {
-                bool is_free = st[t].used ? !st[t].used[i] : ref[i] == 0;
+                bool is_free = st[t].used ? !st[t].used[i] : (ref[i] == 0 && !held[i]);
                 if (is_free) st[t].stack[top++] = i;
             }
             *st[t].top = top;
@@ -1041,7 +1046,7 @@ int kvs_rebuild(kvstore *kv, bool fix, cm_err *err)
         memset(seen, 0, st[t].cap ? st[t].cap : 1);
         for (uint32_t i = 0; i < top; i++) {
             uint32_t x = st[t].stack[i];
-            bool is_free = x < st[t].cap && (st[t].used ? !st[t].used[x] : ref[x] == 0);
+            bool is_free = x < st[t].cap && (st[t].used ? !st[t].used[x] : (ref[x] == 0 && !held[x]));
             if (!is_free || seen[x]) {
                 rc = BAD("kvstore: free %s stack entry %u (%u) is not a distinct free one",
                          st[t].what, i, x);
@@ -1058,6 +1063,7 @@ out:
     free(ram_used);
     free(spill_used);
     free(seen);
+    free(held);
     return rc;
 }
 
@@ -1168,6 +1174,8 @@ int kvstore_get_stats(kvstore *kv, kvstore_stats *s, cm_err *err)
             if (kvs_locw_tier(w) == KVS_TIER_RAM) s->blocks_ram++;
             if (kvs_locw_tier(w) == KVS_TIER_SPILL) s->blocks_spilled++;
             if (k->flags & KVS_BLOCK_MOVING) s->blocks_moving++;
+        } else if (k->flags & KVS_BLOCK_MOVING) {
+            s->blocks_moving++; /* orphaned: freed while its mover writes it out */
         }
     }
     s->ram_free = kv->hdr->mut.free_ram_top;

@@ -87,10 +87,19 @@ static int block_release_locked(kvstore *kv, uint32_t b, cm_err *err)
     uint32_t tier = kvs_locw_tier(w), slot = kvs_locw_slot(w);
     int rc = 0;
     if (k->flags & KVS_BLOCK_MOVING) {
-        /* the mover sees the flag gone and drops its copy */
+        /* A mover is writing this block to spill slot move_slot without the lock. Neither that
+         * slot nor the block record may be reused before its write has landed, or the late
+         * write would overwrite another block's data: give back the RAM slot only, and leave
+         * the block MOVING with no location ("orphaned"); the mover (or gc, when the mover
+         * died) frees the record and the spill slot. */
         if (k->move_slot >= kv->L.n_spill)
             return CORRUPT("kvstore %s: block %u move slot %u", kv->name, b, k->move_slot);
-        if ((rc = kvs_push_locked(kv, KVS_STACK_SPILL, k->move_slot, err))) return rc;
+        atomic_store_explicit(&k->locw, kvs_locw_make(kvs_locw_version(w) + 1, KVS_TIER_NONE, 0),
+                              memory_order_release);
+        k->hash = 0;
+        if (tier != KVS_TIER_RAM || slot >= kv->L.n_ram)
+            return CORRUPT("kvstore %s: moving block %u is not in RAM", kv->name, b);
+        return kvs_push_locked(kv, KVS_STACK_RAM, slot, err);
     }
     k->flags = 0;
     /* bump the version before the slot can be reused: a concurrent reader notices */
@@ -280,6 +289,13 @@ int kvs_reap_owner_locked(kvstore *kv, uint32_t o, kvstore_gc_result *res)
             res->moves_cancelled++;
             if (k->move_slot < kv->L.n_spill)
                 rc = kvs_push_locked(kv, KVS_STACK_SPILL, k->move_slot, err);
+            uint64_t w = atomic_load_explicit(&k->locw, memory_order_relaxed);
+            if (!rc && k->ref == 0 && kvs_locw_tier(w) == KVS_TIER_NONE) {
+                /* orphaned while moving (see block_release_locked): free the record now */
+                k->flags = 0;
+                atomic_fetch_add_explicit(&kv->hdr->mut.n_free, 1, memory_order_relaxed);
+                rc = kvs_push_locked(kv, KVS_STACK_BLOCKS, b, err);
+            }
         }
     }
     kv->owners[o].state = 0;

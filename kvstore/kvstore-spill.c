@@ -221,6 +221,19 @@ int kvs_spill_evict(kvstore *kv, uint32_t want, uint32_t *moved, cm_err *err)
     for (uint32_t i = 0; i < m; i++) {
         struct kvs_block *k = &kv->blocks[h[i].block];
         uint64_t w = atomic_load_explicit(&k->locw, memory_order_relaxed);
+        if ((k->flags & KVS_BLOCK_MOVING) && k->move_owner == me && k->move_owner_gen == me_gen &&
+            k->move_slot == sslot[i] && k->ref == 0 && kvs_locw_tier(w) == KVS_TIER_NONE) {
+            /* freed while we wrote it: its record and spill slot waited for our write */
+            k->flags = 0;
+            int r = kvs_push_locked(kv, KVS_STACK_SPILL, sslot[i], err);
+            if (!r) r = kvs_push_locked(kv, KVS_STACK_BLOCKS, h[i].block, err);
+            if (r) {
+                rc = r;
+                break;
+            }
+            atomic_fetch_add_explicit(&kv->hdr->mut.n_free, 1, memory_order_relaxed);
+            continue;
+        }
         if (!(k->flags & KVS_BLOCK_MOVING) || k->move_owner != me || k->move_owner_gen != me_gen ||
             k->move_slot != sslot[i] || w != wsnap[i])
             continue; /* freed or cancelled meanwhile; its reservation went back already */
