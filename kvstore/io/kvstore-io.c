@@ -60,7 +60,7 @@ int kvs_io_init(int backend, uint32_t depth, kvs_io **out, cm_err *err)
     if (backend == KVSTORE_IO_PREAD) return kvs_io_pread_init(out, err);
     int rc = kvs_io_uring_init(depth ? depth : 64, out, err);
     if (rc == 0 || backend == KVSTORE_IO_URING) return rc;
-    CM_LOG_DEBUG("kvstore io: io_uring unavailable (%s), using pread", err ? err->msg : "");
+    CM_LOG_WARN("kvstore io: io_uring unavailable (%s), using pread", err ? err->msg : "");
     return kvs_io_pread_init(out, err);
 }
 
