@@ -1,0 +1,832 @@
+/*
+ * attn-kernels.cuh — the attention kernels shared by attn-dense.cu (dense causal attention) and
+ * attn-bsa.cu (HiP block-sparse attention). Not a public header.
+ *
+ * Both operations walk a LIST of keys: logical index n -> (token t, rotation position vpos, set).
+ * Dense: t = vpos = n for n in [0, p]. BSA (shared/HIP.md §3, hip-bsa.c): sink, then the ks
+ * selected blocks of bk tokens (masked tokens keep their slot and are marked invalid), then the
+ * window; vpos follows the "streaming" layout when using_extend. A key is valid for a query at
+ * p when: window keys p - n_stream < t <= p; sink/selected keys t <= p - n_stream; dense t <= p.
+ *
+ * Decode (one query): grid (split, KV head), 4 warps. A key row is read by D/8 lanes with
+ * 16-byte loads (bf16) or 8-byte loads (fp8); every lane keeps the G queries of the KV group in
+ * registers so one K/V load serves all query heads of the group. Each lane group runs its own
+ * online softmax; groups, warps and splits are merged with log-sum-exp (partials -> merge
+ * kernel). Keys are rotated in registers: dense keys use a two-level cos/sin table (64 low
+ * positions per block in shared memory x one exact row per 64-key chunk per warp), BSA keys
+ * compute their angles directly (few keys).
+ *
+ * Prefill (many queries): FlashAttention-2-style fp32 tiles: 64 rows (queries x heads of the
+ * group) x 64 keys per step, 256 threads each owning 4x4 scores and 4 rows x D/16 outputs.
+ */
+#ifndef ATTN_KERNELS_CUH
+#define ATTN_KERNELS_CUH
+
+#include "cuda-hip-impl.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ATTN_NW 4       /* warps per decode block */
+#define ATTN_CHUNK 64   /* keys per decode chunk (one warp) and per prefill tile */
+#define ATTN_ROWS 64    /* prefill rows (query x head) per block */
+#define ATTN_PF_THREADS 256
+
+enum { AK_SINK = 0, AK_SEL = 1, AK_WIN = 2, AK_DENSE = 3, AK_NONE = 4 };
+
+/* Everything a kernel needs about K/V, RoPE and the BSA key list. Passed by value. */
+struct attn_params {
+    /* K/V */
+    const void *k, *v;
+    int dtype;
+    float k_scale, v_scale;
+    const int32_t *page;
+    int page_tokens;
+    long long T;
+    int hkv, d, H, G;
+    float scale;
+    /* RoPE (inv_freq NULL = none) */
+    const double *inv_freq;
+    int rope_style, n_rot;
+    /* queries / output */
+    const float *q;
+    float *out;
+    long long pos0, n_tok;
+    /* BSA */
+    const long long *idx; /* [max_qblk][kb] */
+    const int32_t *ks;
+    int kb, bk, bq;
+    long long n_sink, n_stream;
+    int using_extend;
+    /* decode split-K */
+    int n_split;
+    long long keys_per_split;
+    float2 *part_ml;  /* [H][n_split] (m, l) */
+    float *part_acc;  /* [H][n_split][D] */
+};
+
+/* ---- small device helpers ------------------------------------------------------------------- */
+
+static __device__ __forceinline__ long long ak_slot(const attn_params &P, long long t)
+{
+    if (!P.page) return t;
+    return (long long)P.page[t / P.page_tokens] * P.page_tokens + t % P.page_tokens;
+}
+
+static __device__ __forceinline__ float ak_fp8(uint32_t b)
+{
+    uint32_t em = b & 0x7fu, sign = (b & 0x80u) << 24;
+    float v = em >= 8u ? __uint_as_float((em + (120u << 3)) << 20) : (float)em * 0.001953125f;
+    return __uint_as_float(__float_as_uint(v) | sign);
+}
+
+/* Raw 8 elements (16 bytes bf16 / 8 bytes fp8) at element e of token slot, KV head g. */
+static __device__ __forceinline__ uint4 ak_load_raw(const attn_params &P, const void *base,
+                                                    long long slot, int g, int e)
+{
+    size_t off = ((size_t)slot * (size_t)P.hkv + (size_t)g) * (size_t)P.d + (size_t)e;
+    if (P.dtype == CUDA_KV_BF16) return __ldg((const uint4 *)((const uint16_t *)base + off));
+    uint2 r = __ldg((const uint2 *)((const uint8_t *)base + off));
+    return make_uint4(r.x, r.y, 0u, 0u);
+}
+
+static __device__ __forceinline__ void ak_unpack(const attn_params &P, uint4 r, float scale,
+                                                 float x[8])
+{
+    if (P.dtype == CUDA_KV_BF16) {
+        uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            x[2 * j] = __uint_as_float(w[j] << 16);
+            x[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+        }
+    } else {
+        uint32_t w[2] = {r.x, r.y};
+#pragma unroll
+        for (int j = 0; j < 8; j++) x[j] = ak_fp8((w[j >> 2] >> (8 * (j & 3))) & 0xffu) * scale;
+    }
+}
+
+/* cos/sin of pos * inv_freq: the angle in double, reduced to [-pi, pi] before the float sincos. */
+static __device__ __forceinline__ void ak_cs(double inv_freq, long long pos, float *c, float *s)
+{
+    double th = (double)pos * inv_freq;
+    double k = rint(th * 0.15915494309189535);
+    double r = fma(-k, 6.283185307179586, th);
+    r = fma(-k, 2.4492935982947064e-16, r);
+    sincosf((float)r, s, c);
+}
+
+/* Rotation of element e: its frequency (-1 = passes through), whether it is the first of its
+ * pair, and its partner element. */
+static __device__ __forceinline__ int ak_freq(const attn_params &P, int e, bool *first, int *partner)
+{
+    int half = P.n_rot / 2;
+    *first = true;
+    *partner = e;
+    if (!P.inv_freq || e >= P.n_rot) return -1;
+    if (P.rope_style == CPU_ROPE_NEOX) {
+        if (e < half) {
+            *partner = e + half;
+            return e;
+        }
+        *first = false;
+        *partner = e - half;
+        return e - half;
+    }
+    *first = !(e & 1);
+    *partner = e ^ 1;
+    return e >> 1;
+}
+
+/* x' of one element given its partner value b and cos/sin (same formula as cpu_rope_apply). */
+static __device__ __forceinline__ float ak_rot(float x, float b, bool first, float c, float s)
+{
+    return first ? x * c - b * s : b * s + x * c;
+}
+
+/* ---- the BSA key list of one query block ------------------------------------------------------ */
+
+struct ak_blk {
+    long long p0, plast, thr, base, n_sink_eff, n_sel, w0, n_win, n;
+    const long long *idx;
+};
+
+static __host__ __device__ __forceinline__ ak_blk ak_bsa_block(const attn_params &P, int b)
+{
+    ak_blk k;
+    k.p0 = P.pos0 + (long long)b * P.bq;
+    long long end = P.pos0 + P.n_tok;
+    k.plast = (k.p0 + P.bq < end ? k.p0 + P.bq : end) - 1;
+    k.thr = k.plast - P.n_stream;
+    long long ks = P.ks[b];
+    if (ks < 0) ks = 0;
+    if (ks > P.kb) ks = P.kb;
+    k.n_sel = ks * P.bk;
+    k.base = k.p0 + 1 - P.n_stream - k.n_sel;
+    long long ns = P.n_sink;
+    if (ns > k.thr + 1) ns = k.thr + 1;
+    if (ns > P.T) ns = P.T;
+    k.n_sink_eff = ns > 0 ? ns : 0;
+    k.w0 = k.p0 - P.n_stream + 1 > 0 ? k.p0 - P.n_stream + 1 : 0;
+    k.n_win = k.plast - k.w0 + 1;
+    k.n = k.n_sink_eff + k.n_sel + k.n_win;
+    k.idx = P.idx + (size_t)b * (size_t)P.kb;
+    return k;
+}
+
+/* Logical key n of block k: token, rotation position, set (AK_NONE = masked / out of list). */
+static __host__ __device__ __forceinline__ int ak_bsa_key(const attn_params &P, const ak_blk &k, long long n,
+                                                 long long *t, long long *vpos)
+{
+    *t = 0;
+    *vpos = 0;
+    if (n < 0) return AK_NONE;
+    if (n < k.n_sink_eff) {
+        *t = n;
+        long long v = k.base - P.n_sink + n;
+        *vpos = P.using_extend ? (v > 0 ? v : 0) : n;
+        return AK_SINK;
+    }
+    n -= k.n_sink_eff;
+    if (n < k.n_sel) {
+        long long i = n / P.bk, j = n % P.bk;
+        long long s = k.idx[i];
+        if (s < 0 || s >= P.T) return AK_NONE;
+        long long tt = s + j;
+        if (tt < P.n_sink || tt > k.thr || tt >= P.T) return AK_NONE;
+        *t = tt;
+        long long v = k.base + n;
+        *vpos = P.using_extend ? (v > 0 ? v : 0) : tt;
+        return AK_SEL;
+    }
+    n -= k.n_sel;
+    if (n < k.n_win) {
+        *t = k.w0 + n;
+        *vpos = *t;
+        return AK_WIN;
+    }
+    return AK_NONE;
+}
+
+static __host__ __device__ __forceinline__ bool ak_valid(const attn_params &P, int set, long long t, long long p)
+{
+    switch (set) {
+    case AK_DENSE: return t <= p;
+    case AK_WIN: return t > p - P.n_stream && t <= p;
+    case AK_SINK:
+    case AK_SEL: return t <= p - P.n_stream;
+    default: return false;
+    }
+}
+
+/* ---- decode: split-K over the key list ---------------------------------------------------------- */
+
+template <int D, int MAXG, bool DENSE>
+__global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
+{
+    constexpr int LPK = D / 8;        /* lanes per key */
+    constexpr int KPW = 32 / LPK;     /* keys per warp step */
+    constexpr int U = MAXG >= 8 ? 2 : 4; /* keys per lane group per step */
+    extern __shared__ float4 ak_smem4[];
+    float *smem = (float *)ak_smem4;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gi = lane / LPK, lg = lane % LPK, e0 = lg * 8;
+    const int g = blockIdx.y, split = blockIdx.x;
+    const int G = P.G, half = P.n_rot / 2;
+    const long long p = P.pos0; /* the query position */
+
+    long long n_keys;
+    ak_blk blk = {};
+    if (DENSE) {
+        n_keys = p + 1;
+    } else {
+        blk = ak_bsa_block(P, 0);
+        n_keys = blk.n;
+    }
+    const long long lo = (long long)split * P.keys_per_split;
+    long long hi = lo + P.keys_per_split;
+    if (hi > n_keys) hi = n_keys;
+
+    /* tables: dense only. lo table [64][half] float2, per-warp hi row [NW][half] float2 */
+    float2 *tab_lo = (float2 *)smem;
+    float2 *tab_hi = tab_lo + ATTN_CHUNK * half;
+    if (DENSE && P.inv_freq) {
+        for (int i = threadIdx.x; i < ATTN_CHUNK * half; i += blockDim.x) {
+            float c, s;
+            ak_cs(P.inv_freq[i % half], i / half, &c, &s);
+            tab_lo[i] = make_float2(c, s);
+        }
+        __syncthreads();
+    }
+
+    /* rotation layout of my 8 elements */
+    int fq[8];
+    bool first[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        int partner;
+        fq[j] = ak_freq(P, e0 + j, &first[j], &partner);
+    }
+    int h8 = half / 8;
+    int src_lane = gi * LPK + (lg < h8 ? lg + h8 : (lg < 2 * h8 ? lg - h8 : lg));
+    const bool neox = P.rope_style == CPU_ROPE_NEOX;
+
+    /* queries of the group, rotated at p and scaled */
+    float q[MAXG][8];
+#pragma unroll
+    for (int hh = 0; hh < MAXG; hh++) {
+        int h = g * G + (hh < G ? hh : 0);
+        const float *qr = P.q + (size_t)h * D;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int e = e0 + j;
+            float x = qr[e];
+            bool f;
+            int partner;
+            int fi = ak_freq(P, e, &f, &partner);
+            if (fi >= 0) {
+                float c, s;
+                ak_cs(P.inv_freq[fi], p, &c, &s);
+                x = ak_rot(x, qr[partner], f, c, s);
+            }
+            q[hh][j] = hh < G ? x * P.scale : 0.0f;
+        }
+    }
+
+    float m[MAXG], l[MAXG], acc[MAXG][8];
+#pragma unroll
+    for (int hh = 0; hh < MAXG; hh++) {
+        m[hh] = -INFINITY;
+        l[hh] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[hh][j] = 0.0f;
+    }
+
+    const long long c_first = lo / ATTN_CHUNK, c_end = (hi + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    for (long long ch = c_first + warp; ch < c_end && lo < hi; ch += ATTN_NW) {
+        const long long cbase = ch * ATTN_CHUNK;
+        if (DENSE && P.inv_freq) {
+            __syncwarp();
+            for (int i = lane; i < half; i += 32) {
+                float c, s;
+                ak_cs(P.inv_freq[i], cbase, &c, &s);
+                tab_hi[warp * half + i] = make_float2(c, s);
+            }
+            __syncwarp();
+        }
+        for (int it = 0; it < ATTN_CHUNK; it += KPW * U) {
+            uint4 kr[U], vr[U];
+            bool ok[U];
+            long long vp[U];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                long long n = cbase + it + u * KPW + gi, t = n, vpos = n;
+                int set = AK_DENSE;
+                if (n < lo || n >= hi) set = AK_NONE;
+                else if (!DENSE) set = ak_bsa_key(P, blk, n, &t, &vpos);
+                ok[u] = set != AK_NONE && ak_valid(P, set, t, p);
+                vp[u] = vpos;
+                if (ok[u]) {
+                    long long slot = ak_slot(P, t);
+                    kr[u] = ak_load_raw(P, P.k, slot, g, e0);
+                    vr[u] = ak_load_raw(P, P.v, slot, g, e0);
+                } else {
+                    kr[u] = make_uint4(0u, 0u, 0u, 0u);
+                    vr[u] = kr[u];
+                }
+            }
+            float sc[U][MAXG];
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                float k[8];
+                ak_unpack(P, kr[u], P.k_scale, k);
+                if (P.inv_freq) {
+                    float pk[8];
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        float o = __shfl_sync(0xffffffffu, k[j], src_lane);
+                        pk[j] = neox ? o : k[j ^ 1];
+                    }
+                    float c = 1.0f, s = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        if (fq[j] < 0) continue;
+                        if (!neox && (j & 1)) { /* NORM: same angle as element j - 1 */
+                            k[j] = ak_rot(k[j], pk[j], first[j], c, s);
+                            continue;
+                        }
+                        if (DENSE) {
+                            float2 a = tab_hi[warp * half + fq[j]];
+                            float2 b = tab_lo[(int)(vp[u] - cbase) * half + fq[j]];
+                            c = a.x * b.x - a.y * b.y;
+                            s = a.y * b.x + a.x * b.y;
+                        } else {
+                            ak_cs(P.inv_freq[fq[j]], vp[u], &c, &s);
+                        }
+                        k[j] = ak_rot(k[j], pk[j], first[j], c, s);
+                    }
+                }
+#pragma unroll
+                for (int hh = 0; hh < MAXG; hh++) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) d = fmaf(q[hh][j], k[j], d);
+#pragma unroll
+                    for (int o = LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                    sc[u][hh] = ok[u] ? d : -INFINITY;
+                }
+            }
+            float vv[U][8];
+#pragma unroll
+            for (int u = 0; u < U; u++) ak_unpack(P, vr[u], P.v_scale, vv[u]);
+#pragma unroll
+            for (int hh = 0; hh < MAXG; hh++) {
+                float mx = m[hh];
+#pragma unroll
+                for (int u = 0; u < U; u++) mx = fmaxf(mx, sc[u][hh]);
+                float mu = mx == -INFINITY ? 0.0f : mx;
+                float corr = __expf(m[hh] - mu);
+                l[hh] *= corr;
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[hh][j] *= corr;
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    float pe = __expf(sc[u][hh] - mu);
+                    l[hh] += pe;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) acc[hh][j] = fmaf(pe, vv[u][j], acc[hh][j]);
+                }
+                m[hh] = mx;
+            }
+        }
+    }
+
+    /* merge the lane groups of the warp */
+#pragma unroll
+    for (int hh = 0; hh < MAXG; hh++) {
+        float mw = m[hh];
+#pragma unroll
+        for (int o = LPK; o < 32; o <<= 1) mw = fmaxf(mw, __shfl_xor_sync(0xffffffffu, mw, o));
+        float f = mw == -INFINITY ? 0.0f : __expf(m[hh] - mw);
+        float lw = l[hh] * f;
+#pragma unroll
+        for (int o = LPK; o < 32; o <<= 1) lw += __shfl_xor_sync(0xffffffffu, lw, o);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float a = acc[hh][j] * f;
+#pragma unroll
+            for (int o = LPK; o < 32; o <<= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+            acc[hh][j] = a;
+        }
+        m[hh] = mw;
+        l[hh] = lw;
+    }
+    /* merge the warps through shared memory (reusing the tables) */
+    __syncthreads();
+    float *wm = smem;                          /* [NW][MAXG] */
+    float *wl = wm + ATTN_NW * MAXG;           /* [NW][MAXG] */
+    float *wacc = wl + ATTN_NW * MAXG;         /* [NW][MAXG][D] */
+    if (gi == 0) {
+#pragma unroll
+        for (int hh = 0; hh < MAXG; hh++) {
+            if (lg == 0) {
+                wm[warp * MAXG + hh] = m[hh];
+                wl[warp * MAXG + hh] = l[hh];
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) wacc[(warp * MAXG + hh) * D + e0 + j] = acc[hh][j];
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        int hh = i / D, e = i % D;
+        float M = -INFINITY;
+        for (int w = 0; w < ATTN_NW; w++) M = fmaxf(M, wm[w * MAXG + hh]);
+        float L = 0.0f, A = 0.0f;
+        if (M != -INFINITY)
+            for (int w = 0; w < ATTN_NW; w++) {
+                float mw = wm[w * MAXG + hh];
+                if (mw == -INFINITY) continue;
+                float f = __expf(mw - M);
+                L += wl[w * MAXG + hh] * f;
+                A += wacc[(w * MAXG + hh) * D + e] * f;
+            }
+        int h = g * G + hh;
+        size_t r = (size_t)h * (size_t)P.n_split + (size_t)split;
+        P.part_acc[r * D + e] = A;
+        if (e == 0) P.part_ml[r] = make_float2(M, L);
+    }
+}
+
+/* out[h][e] = sum_s acc_s e^{m_s - M} / sum_s l_s e^{m_s - M}; one block per head. */
+static __global__ void ak_merge_kernel(const float2 *part_ml, const float *part_acc, int n_split,
+                                       int d, float *out)
+{
+    const int h = blockIdx.x;
+    const float2 *ml = part_ml + (size_t)h * n_split;
+    float M = -INFINITY;
+    for (int s = 0; s < n_split; s++) M = fmaxf(M, ml[s].x);
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        float L = 0.0f, A = 0.0f;
+        if (M != -INFINITY)
+            for (int s = 0; s < n_split; s++) {
+                if (ml[s].x == -INFINITY) continue;
+                float f = __expf(ml[s].x - M);
+                L += ml[s].y * f;
+                A += part_acc[((size_t)h * n_split + s) * d + e] * f;
+            }
+        out[(size_t)h * d + e] = L > 0.0f ? A / L : 0.0f;
+    }
+}
+
+/* ---- prefill: FlashAttention-2-style fp32 tiles -------------------------------------------- */
+
+#define ATTN_PS (ATTN_CHUNK + 4) /* row stride of the probabilities tile */
+
+/* The probabilities tile Ps [ROWS][PS] reuses the keys tile KsT when it fits (D = 128): the
+ * keys are dead once the scores are computed. Two blocks then fit on one SM. */
+template <int D>
+struct ak_pf_layout {
+    static constexpr bool alias = D * ATTN_CHUNK >= ATTN_ROWS * ATTN_PS;
+    static constexpr size_t floats = (size_t)D * ATTN_ROWS       /* QsT [D][ROWS] */
+                                     + (size_t)D * ATTN_CHUNK     /* KsT [D][CHUNK] */
+                                     + (size_t)ATTN_CHUNK * (D + 4) /* Vs [CHUNK][D + 4] */
+                                     + (alias ? 0 : (size_t)ATTN_ROWS * ATTN_PS);
+    static constexpr size_t bytes = sizeof(float) * floats
+                                    + sizeof(long long) * (3 * ATTN_CHUNK + ATTN_ROWS) + 64;
+};
+
+template <int D>
+static size_t ak_prefill_smem(void)
+{
+    return ak_pf_layout<D>::bytes;
+}
+
+/* grid.x = query tiles (dense: n_tok / QT; BSA: n_qblk * sub-tiles), grid.y = KV head */
+template <int D, bool DENSE>
+__global__ void __launch_bounds__(ATTN_PF_THREADS) ak_prefill_kernel(attn_params P, int qt, int nsub)
+{
+    extern __shared__ float4 ak_smem4[];
+    float *QsT = (float *)ak_smem4;
+    float *KsT = QsT + D * ATTN_ROWS;
+    float *Vs = KsT + D * ATTN_CHUNK;
+    constexpr bool ALIAS = ak_pf_layout<D>::alias;
+    constexpr int VS = D + 4; /* padded: the row-wise float4 stores of 8 keys hit 32 banks */
+    float *Ps = ALIAS ? KsT : Vs + ATTN_CHUNK * VS;
+    constexpr int PS = ATTN_PS;
+    long long *kt = (long long *)((float *)ak_smem4 + ak_pf_layout<D>::floats);
+    long long *kvp = kt + ATTN_CHUNK;
+    long long *kset = kvp + ATTN_CHUNK;
+    long long *prow = kset + ATTN_CHUNK;
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int g = blockIdx.y, G = P.G, half = P.n_rot / 2;
+
+    /* my queries: tokens [r0, r1) of this call */
+    long long r0, r1;
+    ak_blk blk = {};
+    if (DENSE) {
+        r0 = (long long)blockIdx.x * qt;
+        r1 = r0 + qt < P.n_tok ? r0 + qt : P.n_tok;
+    } else {
+        int b = blockIdx.x / nsub, sub = blockIdx.x % nsub;
+        blk = ak_bsa_block(P, b);
+        long long bs = (long long)b * P.bq;
+        long long be = bs + P.bq < P.n_tok ? bs + P.bq : P.n_tok;
+        r0 = bs + (long long)sub * qt;
+        r1 = r0 + qt < be ? r0 + qt : be;
+    }
+    if (r0 >= r1) return;
+    const int nrows = (int)(r1 - r0) * G;
+
+    /* queries: rotated at their positions, scaled, transposed */
+    for (int i = tid; i < ATTN_ROWS * D; i += blockDim.x) {
+        int r = i / D, e = i % D;
+        float x = 0.0f;
+        if (r < nrows) {
+            long long tok = r0 + r / G;
+            int h = g * G + r % G;
+            const float *qr = P.q + ((size_t)tok * P.H + h) * D;
+            x = qr[e];
+            bool f;
+            int partner;
+            int fi = ak_freq(P, e, &f, &partner);
+            if (fi >= 0) {
+                float c, s;
+                ak_cs(P.inv_freq[fi], P.pos0 + tok, &c, &s);
+                x = ak_rot(x, qr[partner], f, c, s);
+            }
+            x *= P.scale;
+        }
+        QsT[e * ATTN_ROWS + r] = x;
+    }
+    for (int r = tid; r < ATTN_ROWS; r += blockDim.x)
+        prow[r] = r < nrows ? P.pos0 + r0 + r / G : -1;
+
+    float m[4], l[4], acc[4][D / 16];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        m[i] = -INFINITY;
+        l[i] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < D / 16; j++) acc[i][j] = 0.0f;
+    }
+    const long long n_keys = DENSE ? P.pos0 + r1 : blk.n;
+
+    for (long long k0 = 0; k0 < n_keys; k0 += ATTN_CHUNK) {
+        __syncthreads(); /* previous tile consumed (and q/prow written on the first pass) */
+        for (int i = tid; i < ATTN_CHUNK; i += blockDim.x) {
+            long long n = k0 + i, t = n, vpos = n;
+            int set = AK_DENSE;
+            if (n >= n_keys) set = AK_NONE;
+            else if (!DENSE) set = ak_bsa_key(P, blk, n, &t, &vpos);
+            kt[i] = t;
+            kvp[i] = vpos;
+            kset[i] = set;
+        }
+        __syncthreads();
+        for (int i = tid; i < ATTN_CHUNK * (D / 8); i += blockDim.x) {
+            int kk = i % ATTN_CHUNK, e = (i / ATTN_CHUNK) * 8;
+            float kx[8], vx[8];
+            if (kset[kk] != AK_NONE) {
+                long long slot = ak_slot(P, kt[kk]);
+                ak_unpack(P, ak_load_raw(P, P.k, slot, g, e), P.k_scale, kx);
+                ak_unpack(P, ak_load_raw(P, P.v, slot, g, e), P.v_scale, vx);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; j++) kx[j] = vx[j] = 0.0f;
+            }
+#pragma unroll
+            for (int j = 0; j < 8; j++) KsT[(e + j) * ATTN_CHUNK + kk] = kx[j];
+            *(float4 *)&Vs[kk * VS + e] = make_float4(vx[0], vx[1], vx[2], vx[3]);
+            *(float4 *)&Vs[kk * VS + e + 4] = make_float4(vx[4], vx[5], vx[6], vx[7]);
+        }
+        __syncthreads();
+        if (P.inv_freq) {
+            for (int i = tid; i < ATTN_CHUNK * half; i += blockDim.x) {
+                int kk = i % ATTN_CHUNK, fi = i / ATTN_CHUNK;
+                if (kset[kk] == AK_NONE) continue;
+                int ea, eb;
+                if (P.rope_style == CPU_ROPE_NEOX) {
+                    ea = fi;
+                    eb = fi + half;
+                } else {
+                    ea = 2 * fi;
+                    eb = 2 * fi + 1;
+                }
+                float c, s;
+                ak_cs(P.inv_freq[fi], kvp[kk], &c, &s);
+                float a = KsT[ea * ATTN_CHUNK + kk], b = KsT[eb * ATTN_CHUNK + kk];
+                KsT[ea * ATTN_CHUNK + kk] = a * c - b * s;
+                KsT[eb * ATTN_CHUNK + kk] = a * s + b * c;
+            }
+            __syncthreads();
+        }
+        /* scores */
+        float s[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) s[i][j] = 0.0f;
+#pragma unroll 8
+        for (int e = 0; e < D; e++) {
+            float4 a = *(const float4 *)&QsT[e * ATTN_ROWS + ty * 4];
+            float4 b = *(const float4 *)&KsT[e * ATTN_CHUNK + tx * 4];
+            float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) s[i][j] = fmaf(av[i], bv[j], s[i][j]);
+        }
+        if (ALIAS) __syncthreads(); /* every thread is done with KsT: Ps overwrites it */
+        /* mask + online softmax */
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            long long pq = prow[ty * 4 + i];
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int kk = tx * 4 + j;
+                bool ok = pq >= 0 && ak_valid(P, (int)kset[kk], kt[kk], pq);
+                s[i][j] = ok ? s[i][j] : -INFINITY;
+                mx = fmaxf(mx, s[i][j]);
+            }
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            float mn = fmaxf(m[i], mx);
+            float mu = mn == -INFINITY ? 0.0f : mn;
+            float corr = __expf(m[i] - mu);
+            float rs = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                float pe = __expf(s[i][j] - mu);
+                rs += pe;
+                Ps[(ty * 4 + i) * PS + tx * 4 + j] = pe;
+            }
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) rs += __shfl_xor_sync(0xffffffffu, rs, o);
+            l[i] = l[i] * corr + rs;
+            m[i] = mn;
+#pragma unroll
+            for (int j = 0; j < D / 16; j++) acc[i][j] *= corr;
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int kk = 0; kk < ATTN_CHUNK; kk++) {
+            float pv[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) pv[i] = Ps[(ty * 4 + i) * PS + kk];
+#pragma unroll
+            for (int j = 0; j < D / 16; j++) {
+                float v = Vs[kk * VS + tx + 16 * j];
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[i][j] = fmaf(pv[i], v, acc[i][j]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int r = ty * 4 + i;
+        if (r >= nrows) continue;
+        long long tok = r0 + r / G;
+        int h = g * G + r % G;
+        float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+        float *o = P.out + ((size_t)tok * P.H + h) * D;
+#pragma unroll
+        for (int j = 0; j < D / 16; j++) o[tx + 16 * j] = acc[i][j] * inv;
+    }
+}
+
+/* ---- host side ------------------------------------------------------------------------------ */
+
+/* Fill the K/V, shape and RoPE parts of P; -EINVAL when unsupported. */
+static int ak_setup(attn_params *P, const cpu_attn_shape *s, const cuda_rope *rope,
+                    const cuda_kv_view *kv)
+{
+    if (!s || !kv || !kv->k_dev || !kv->v_dev) return -EINVAL;
+    if (s->n_head < 1 || s->n_head_kv < 1 || s->n_head % s->n_head_kv) return -EINVAL;
+    int G = s->n_head / s->n_head_kv;
+    if (G > 8 || (s->head_dim != 64 && s->head_dim != 128)) return -EINVAL;
+    if (kv->dtype != CUDA_KV_BF16 && kv->dtype != CUDA_KV_FP8) return -EINVAL;
+    if (kv->page_dev && kv->page_tokens < 1) return -EINVAL;
+    if (kv->n_kv < 0) return -EINVAL;
+    memset(P, 0, sizeof(*P));
+    P->k = kv->k_dev;
+    P->v = kv->v_dev;
+    P->dtype = kv->dtype;
+    P->k_scale = kv->dtype == CUDA_KV_FP8 ? kv->k_scale : 1.0f;
+    P->v_scale = kv->dtype == CUDA_KV_FP8 ? kv->v_scale : 1.0f;
+    P->page = kv->page_dev;
+    P->page_tokens = kv->page_tokens;
+    P->T = kv->n_kv;
+    P->hkv = s->n_head_kv;
+    P->d = s->head_dim;
+    P->H = s->n_head;
+    P->G = G;
+    P->scale = s->scale;
+    if (rope) {
+        if (!rope->inv_freq_dev || rope->head_dim != s->head_dim || rope->n_rot < 2 ||
+            rope->n_rot > s->head_dim || (rope->n_rot & 1))
+            return -EINVAL;
+        if (rope->style != CPU_ROPE_NEOX && rope->style != CPU_ROPE_NORM) return -EINVAL;
+        /* NEOX decode exchanges partners between lanes 8 elements apart */
+        if (rope->style == CPU_ROPE_NEOX && (rope->n_rot / 2) % 8) return -EINVAL;
+        P->inv_freq = rope->inv_freq_dev;
+        P->rope_style = rope->style;
+        P->n_rot = rope->n_rot;
+    }
+    return 0;
+}
+
+static int ak_sm_count(void)
+{
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return 132;
+    }
+    return n > 0 ? n : 132;
+}
+
+/* Split n_keys over blocks (multiples of 64 keys, >= 256 per split) and get the scratch for the
+ * partials. */
+static int ak_decode_split(attn_params *P, long long n_keys, int blocks_per_sm, cuda_hip_work *w)
+{
+    if (n_keys < 1) n_keys = 1;
+    long long chunks = (n_keys + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    /* one full wave of resident blocks: every split has the same number of keys */
+    long long want = ((long long)blocks_per_sm * ak_sm_count()) / P->hkv;
+    if (want < 1) want = 1;
+    long long by_size = (n_keys + ATTN_NW * ATTN_CHUNK - 1) / (ATTN_NW * ATTN_CHUNK);
+    long long ns = want < by_size ? want : by_size;
+    if (ns < 1) ns = 1;
+    long long cps = (chunks + ns - 1) / ns;
+    P->keys_per_split = cps * ATTN_CHUNK;
+    P->n_split = (int)((n_keys + P->keys_per_split - 1) / P->keys_per_split);
+    size_t rows = (size_t)P->H * (size_t)P->n_split;
+    P->part_ml = (float2 *)cuda_hip_work_get(w, CUDA_SLOT_ATTN0, rows * sizeof(float2));
+    P->part_acc = (float *)cuda_hip_work_get(w, CUDA_SLOT_ATTN0 + 1, rows * P->d * sizeof(float));
+    if (!P->part_ml || !P->part_acc) return -ENOMEM;
+    return 0;
+}
+
+template <int D, int MAXG, bool DENSE>
+static int ak_launch_decode_t(attn_params &P, long long n_keys, cuda_hip_work *w, cudaStream_t st)
+{
+    int half = P.inv_freq ? P.n_rot / 2 : 0;
+    size_t tab = DENSE ? sizeof(float2) * (size_t)(ATTN_CHUNK + ATTN_NW) * half : 0;
+    size_t mrg = sizeof(float) * ((size_t)ATTN_NW * MAXG * (2 + D));
+    size_t smem = tab > mrg ? tab : mrg;
+    if (smem > 48 * 1024)
+        CUDA_TRY(cudaFuncSetAttribute(ak_decode_kernel<D, MAXG, DENSE>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    int occ = 0;
+    CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, ak_decode_kernel<D, MAXG, DENSE>,
+                                                           ATTN_NW * 32, smem));
+    int rc = ak_decode_split(&P, n_keys, occ > 0 ? occ : 1, w);
+    if (rc) return rc;
+    dim3 grid((unsigned)P.n_split, (unsigned)P.hkv);
+    ak_decode_kernel<D, MAXG, DENSE><<<grid, ATTN_NW * 32, smem, st>>>(P);
+    CUDA_TRY(cudaGetLastError());
+    ak_merge_kernel<<<P.H, D, 0, st>>>(P.part_ml, P.part_acc, P.n_split, D, P.out);
+    CUDA_TRY(cudaGetLastError());
+    return 0;
+}
+
+template <bool DENSE>
+static int ak_launch_decode(attn_params &P, long long n_keys, cuda_hip_work *w, cudaStream_t st)
+{
+    if (P.d == 64) {
+        if (P.G == 1) return ak_launch_decode_t<64, 1, DENSE>(P, n_keys, w, st);
+        if (P.G <= 4) return ak_launch_decode_t<64, 4, DENSE>(P, n_keys, w, st);
+        return ak_launch_decode_t<64, 8, DENSE>(P, n_keys, w, st);
+    }
+    if (P.G == 1) return ak_launch_decode_t<128, 1, DENSE>(P, n_keys, w, st);
+    if (P.G <= 4) return ak_launch_decode_t<128, 4, DENSE>(P, n_keys, w, st);
+    return ak_launch_decode_t<128, 8, DENSE>(P, n_keys, w, st);
+}
+
+template <int D, bool DENSE>
+static int ak_launch_prefill_t(const attn_params &P, unsigned nx, int qt, int nsub, cudaStream_t st)
+{
+    size_t smem = ak_prefill_smem<D>();
+    CUDA_TRY(cudaFuncSetAttribute(ak_prefill_kernel<D, DENSE>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid(nx, (unsigned)P.hkv);
+    ak_prefill_kernel<D, DENSE><<<grid, ATTN_PF_THREADS, smem, st>>>(P, qt, nsub);
+    CUDA_TRY(cudaGetLastError());
+    return 0;
+}
+
+template <bool DENSE>
+static int ak_launch_prefill(const attn_params &P, unsigned nx, int qt, int nsub, cudaStream_t st)
+{
+    if (nx == 0) return 0;
+    if (nx > 0x7fffffffu) return -EINVAL;
+    if (P.d == 64) return ak_launch_prefill_t<64, DENSE>(P, nx, qt, nsub, st);
+    return ak_launch_prefill_t<128, DENSE>(P, nx, qt, nsub, st);
+}
+
+#endif /* ATTN_KERNELS_CUH */

@@ -1,0 +1,899 @@
+/*
+ * hip-mask.cu — HiP mask estimation on the GPU (shared/HIP.md §2), bit-for-bit the algorithm of
+ * common/hip/hip-mask.c: same candidates, same probe midpoints, same '>' ties, same float
+ * operation order (so the same scores), same top-k tie order (higher score, then lower chunk
+ * index), same realign + split and final block lists.
+ *
+ * Per stage s (all query blocks of the call at once), three launches:
+ *   prep   grid (n_qblk, n_head): pooled, scaled, RoPE'd probe rows [b][h][row][d] (§2.3);
+ *   scan   grid (chunks, n_qblk), 8 warps: one warp descends one head at a time (heads strided
+ *          over the warps), both probe keys of a pass loaded with 16-byte loads into shared
+ *          memory, rotated there, dotted by two half-warps; the head reduction (max, first
+ *          head wins ties) then writes score[b][c] and rep[b][c] (§2.5, §2.6);
+ *   select grid (n_qblk), 1024 threads: exact top-k by a radix select over the 64-bit key
+ *          (descending score, ascending chunk index), then a bitonic sort of the realigned
+ *          starts in shared memory and either the split into the next stage's candidates
+ *          (written straight into the mask's stage cache, which is the next stage's input) or
+ *          the final de-duplicated block list (§2.7, §2.8).
+ * Stage 0's candidates are computed from their index (no list). Candidate counts of stages
+ * s ≥ 1 live on the device only (m->cand_n[s]); grids are sized by the host's upper bound and
+ * blocks past the count exit, so no call copies anything back to the host.
+ *
+ * Exactness: hip_dot's AVX2 order (16 fma lanes, then a fixed tree) is reproduced with one
+ * accumulator per lane of a half-warp; RoPE uses the same products and roundings as
+ * cpu_rope_apply (fmaddsub on groups of 4 pairs of the NORM style, plain mul/sub elsewhere);
+ * cos/sin are computed in double from the same double angle and rounded to float. All float
+ * operations use explicit _rn intrinsics so nvcc cannot contract them differently.
+ */
+#include "cuda-hip-impl.h"
+
+#include <errno.h>
+#include <float.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#define MASK_SCORE_INIT (-32000.0f) /* = HIP_SCORE_INIT of hip-mask.c */
+#define MASK_MAX_HEAD_DIM 512
+#define MASK_MAX_HEADS 256
+#define MASK_SCAN_WARPS 8
+#define MASK_SELECT_THREADS 1024
+#define MASK_SELECT_MAX_P 16384 /* largest sorted list (pow2) the select kernel holds */
+#define MASK_ROPE_TAB_MAX 65536 /* positions of the per-call cos/sin table */
+
+enum { SLOT_TAB = CUDA_SLOT_MASK0, SLOT_ROWS, SLOT_SCORE, SLOT_REP };
+
+/* ---- small device helpers ------------------------------------------------------------------- */
+
+static __device__ __forceinline__ int64_t floordiv_d(int64_t a, int64_t b)
+{
+    int64_t q = a / b;
+    return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+static __device__ __forceinline__ float round_bf16_d(float f)
+{
+    uint32_t u = __float_as_uint(f);
+    if ((u & 0x7f800000u) != 0x7f800000u) u += 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    return __uint_as_float(u);
+}
+
+static __device__ __forceinline__ float bf16_to_f(uint32_t bits)
+{
+    return __uint_as_float((bits & 0xffffu) << 16);
+}
+
+/* fp8 e4m3 (no infinities; S.1111.111 is NaN) → float, exact. */
+static __device__ __forceinline__ float fp8_to_f(uint32_t x)
+{
+    x &= 0xffu;
+    uint32_t sign = (x & 0x80u) << 24, e = (x >> 3) & 0xfu, man = x & 7u;
+    if (e == 0xfu && man == 7u) return __uint_as_float(sign | 0x7fc00000u);
+    float v;
+    if (e == 0) v = (float)man * 0.001953125f; /* man * 2^-9 */
+    else v = __uint_as_float(((e + 120u) << 23) | (man << 20));
+    return sign ? -v : v;
+}
+
+/* The rope parameters every kernel needs. */
+struct mask_rope {
+    int on;        /* 0: rotate nothing */
+    int style;     /* enum cpu_rope_style */
+    int half;      /* n_rot / 2 */
+    int n_rot;
+    const double *inv_freq;
+    const float2 *tab; /* [tab_n][half] (cos, sin) */
+    int64_t tab_n;
+};
+
+static __device__ __forceinline__ float2 rope_cs(const mask_rope &r, int64_t pos, int i)
+{
+    if (pos >= 0 && pos < r.tab_n) return r.tab[pos * r.half + i];
+    double th = __dmul_rn((double)pos, r.inv_freq[i]);
+    double s, c;
+    sincos(th, &s, &c);
+    return make_float2((float)c, (float)s);
+}
+
+/* Elements (e0, e1) of rope pair i. */
+static __device__ __forceinline__ void rope_elems(const mask_rope &r, int i, int *e0, int *e1)
+{
+    if (r.style == CPU_ROPE_NEOX) {
+        *e0 = i;
+        *e1 = i + r.half;
+    } else {
+        *e0 = 2 * i;
+        *e1 = 2 * i + 1;
+    }
+}
+
+/* Rotate pair i (a = x[e0], b = x[e1]) exactly like cpu_rope_apply. */
+static __device__ __forceinline__ void rope_pair(const mask_rope &r, int i, float2 cs, float *a,
+                                                 float *b)
+{
+    float x = *a, y = *b, c = cs.x, s = cs.y;
+    if (r.style != CPU_ROPE_NEOX && i < (r.half / 4) * 4) {
+        /* AVX2 fmaddsub: even = fma(a, c, -(b*s)), odd = fma(b, c, a*s) */
+        *a = __fmaf_rn(x, c, -__fmul_rn(y, s));
+        *b = __fmaf_rn(y, c, __fmul_rn(x, s));
+    } else {
+        *a = __fsub_rn(__fmul_rn(x, c), __fmul_rn(y, s));
+        *b = __fadd_rn(__fmul_rn(x, s), __fmul_rn(y, c));
+    }
+}
+
+/* ---- RoPE table ----------------------------------------------------------------------------- */
+
+static __global__ void rope_tab_kernel(float2 *tab, const double *inv_freq, int half, int64_t n)
+{
+    int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * half) return;
+    int64_t pos = i / half;
+    int f = (int)(i % half);
+    double th = __dmul_rn((double)pos, inv_freq[f]);
+    double s, c;
+    sincos(th, &s, &c);
+    tab[i] = make_float2((float)c, (float)s);
+}
+
+/* ---- per-stage parameters ------------------------------------------------------------------- */
+
+struct mask_stage_params {
+    /* call */
+    int64_t pos0, n_tok, T;
+    int bq, H, Hkv, G, d;
+    float scale;
+    int using_extend, relative, score_bf16;
+    int64_t n_sink, sw, lc0;
+    /* stage */
+    int stride, rmax;           /* pooling stride, rows per head in the rows buffer */
+    int64_t ub;                 /* upper bound of the candidate count (row length of score/rep) */
+    int64_t n0;                 /* stage-0 count (used when cnt == NULL) */
+    const int32_t *cnt;         /* [n_qblk] candidate counts (stage ≥ 1) or NULL */
+    const int64_t *L, *R;       /* [n_qblk][ub] candidates (stage ≥ 1) or NULL (stage 0) */
+    float *rows;                /* [n_qblk][H][rmax][d] */
+    float *score;               /* [n_qblk][ub] */
+    int64_t *rep;               /* [n_qblk][ub] */
+};
+
+static __device__ __forceinline__ int64_t stage_count(const mask_stage_params &p, int b)
+{
+    if (!p.cnt) return p.n0;
+    /* a cached count is at most the cache row (clamped: never read past it on a bad upload) */
+    return max((int64_t)0, min((int64_t)p.cnt[b], p.ub));
+}
+
+/* ---- prep: probe rows (§2.3) ------------------------------------------------------------------ */
+
+/* rows[b][h][r][e] = mean over the queries i of group r of RoPE(scale * q[i][h], qpos(i)). */
+static __global__ void prep_kernel(mask_stage_params p, mask_rope rope, const float *__restrict__ q)
+{
+    const int b = blockIdx.x, h = blockIdx.y, d = p.d;
+    const int64_t p0 = p.pos0 + (int64_t)b * p.bq;
+    const int nq = (int)min((int64_t)p.bq, p.n_tok - (int64_t)b * p.bq);
+    const int nrow = (nq + p.stride - 1) / p.stride;
+    const int64_t cc = stage_count(p, b);
+    const int n_units = rope.on ? rope.half + (d - rope.n_rot) : d;
+    for (int r = 0; r < nrow; r++) {
+        float *row = p.rows + (((size_t)b * p.H + h) * p.rmax + r) * (size_t)d;
+        const int i0 = r * p.stride, i1 = min(nq, i0 + p.stride);
+        const float inv = __fdiv_rn(1.0f, (float)(i1 - i0));
+        for (int u = threadIdx.x; u < n_units; u += blockDim.x) {
+            int e0, e1 = -1;
+            if (rope.on && u < rope.half) rope_elems(rope, u, &e0, &e1);
+            else e0 = rope.on ? rope.n_rot + (u - rope.half) : u;
+            float acc0 = 0.0f, acc1 = 0.0f;
+            for (int i = i0; i < i1; i++) {
+                const int64_t tok = (int64_t)b * p.bq + i;
+                const float *src = q + ((size_t)tok * p.H + h) * (size_t)d;
+                float x = __fmul_rn(src[e0], p.scale);
+                if (e1 >= 0) {
+                    float y = __fmul_rn(src[e1], p.scale);
+                    const int64_t pos = p0 + i;
+                    int64_t qp;
+                    if (!p.using_extend) qp = pos;
+                    else if (p.relative) qp = p.sw + 1;
+                    else qp = min(pos, cc + p.sw);
+                    rope_pair(rope, u, rope_cs(rope, qp, u), &x, &y);
+                    acc1 = __fadd_rn(acc1, y);
+                }
+                acc0 = __fadd_rn(acc0, x);
+            }
+            row[e0] = __fmul_rn(acc0, inv);
+            if (e1 >= 0) row[e1] = __fmul_rn(acc1, inv);
+        }
+    }
+}
+
+/* ---- scan: the descent (§2.5) and the head reduction (§2.6) --------------------------------- */
+
+struct mask_kv {
+    const void *k;
+    int dtype;
+    float k_scale;
+    const int32_t *page;
+    int page_tokens;
+};
+
+static __device__ __forceinline__ int64_t kv_slot(const mask_kv &kv, int64_t t)
+{
+    if (!kv.page) return t;
+    return (int64_t)kv.page[t / kv.page_tokens] * kv.page_tokens + t % kv.page_tokens;
+}
+
+/* Warp-cooperative: load key t of KV head g (as float, fp8 scaled) into dst[d]. Lanes
+ * [lane_lo, lane_lo + n_lanes) take part. */
+static __device__ void load_key(const mask_kv &kv, int Hkv, int d, int64_t t, int g, float *dst,
+                                int sub, int n_lanes)
+{
+    const size_t off = ((size_t)kv_slot(kv, t) * (size_t)Hkv + (size_t)g) * (size_t)d;
+    if (kv.dtype == CUDA_KV_BF16) {
+        const uint16_t *src = (const uint16_t *)kv.k + off;
+        if ((d & 7) == 0) {
+            const uint4 *v = (const uint4 *)src;
+            for (int i = sub; i < d / 8; i += n_lanes) {
+                uint4 x = v[i];
+                float *o = dst + 8 * i;
+                o[0] = bf16_to_f(x.x);
+                o[1] = bf16_to_f(x.x >> 16);
+                o[2] = bf16_to_f(x.y);
+                o[3] = bf16_to_f(x.y >> 16);
+                o[4] = bf16_to_f(x.z);
+                o[5] = bf16_to_f(x.z >> 16);
+                o[6] = bf16_to_f(x.w);
+                o[7] = bf16_to_f(x.w >> 16);
+            }
+        } else {
+            for (int i = sub; i < d; i += n_lanes) dst[i] = bf16_to_f(src[i]);
+        }
+    } else {
+        const uint8_t *src = (const uint8_t *)kv.k + off;
+        const float sc = kv.k_scale;
+        if ((d & 15) == 0) {
+            const uint4 *v = (const uint4 *)src;
+            for (int i = sub; i < d / 16; i += n_lanes) {
+                uint4 x = v[i];
+                uint32_t w[4] = {x.x, x.y, x.z, x.w};
+                float *o = dst + 16 * i;
+#pragma unroll
+                for (int j = 0; j < 16; j++) o[j] = __fmul_rn(fp8_to_f(w[j >> 2] >> (8 * (j & 3))), sc);
+            }
+        } else {
+            for (int i = sub; i < d; i += n_lanes) dst[i] = __fmul_rn(fp8_to_f(src[i]), sc);
+        }
+    }
+}
+
+/* hip_dot(row, key, d) of hip-impl.h with its AVX2 order when d % 16 == 0: lane j (of a 16-lane
+ * half-warp) accumulates elements j, j+16, ... by fma; then (j, j+8), (k, k+4), (0, 2)/(1, 3),
+ * (0, 1) are added. The result is valid in the half-warp's first lane. */
+static __device__ __forceinline__ float dot16(const float *row, const float *key, int d, int j)
+{
+    float acc = 0.0f;
+    for (int e = j; e < d; e += 16) acc = __fmaf_rn(row[e], key[e], acc);
+    acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 8, 16));
+    acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4, 16));
+    acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 2, 16));
+    acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 1, 16));
+    return acc;
+}
+
+/* hip_dot's scalar order (d % 16 != 0). */
+static __device__ __forceinline__ float dot_seq(const float *row, const float *key, int d)
+{
+    float s = 0.0f;
+    for (int e = 0; e < d; e++) s = __fadd_rn(s, __fmul_rn(row[e], key[e]));
+    return s;
+}
+
+static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32)
+    scan_kernel(mask_stage_params p, mask_rope rope, mask_kv kv)
+{
+    const int c = blockIdx.x, b = blockIdx.y;
+    const int64_t n = stage_count(p, b);
+    if ((int64_t)c >= n) return;
+    const int d = p.d, H = p.H;
+    extern __shared__ float4 smem4[];
+    int64_t *hrep = (int64_t *)smem4;
+    float *hbest = (float *)(hrep + H);
+    int *hany = (int *)(hbest + H);
+    float *kbuf = (float *)smem4 + 4 * (size_t)H; /* 16 bytes per head above */
+
+    int64_t L0, R0;
+    if (!p.L) {
+        L0 = p.n_sink + (int64_t)c * p.lc0;
+        R0 = min(L0 + p.lc0, p.T - p.sw);
+    } else {
+        L0 = p.L[(size_t)b * p.ub + c];
+        R0 = p.R[(size_t)b * p.ub + c];
+    }
+    const int64_t p0 = p.pos0 + (int64_t)b * p.bq;
+    const int64_t thr = max((int64_t)0, p0 - p.sw);
+    const int nq = (int)min((int64_t)p.bq, p.n_tok - (int64_t)b * p.bq);
+    const int nrow = (nq + p.stride - 1) / p.stride;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float *kl = kbuf + (size_t)warp * 2 * d, *kr = kl + d;
+    const int sub = lane & 15, side = lane >> 4; /* half-warp 0: left key, 1: right key */
+
+    for (int h = warp; h < H; h += MASK_SCAN_WARPS) {
+        const int g = h / p.G;
+        const float *rows = p.rows + ((size_t)b * H + h) * p.rmax * (size_t)d;
+        int64_t l = L0, r = R0;
+        float best = MASK_SCORE_INIT;
+        bool any = false;
+        int64_t n_pass = 1;
+        while (((int64_t)1 << (n_pass - 1)) < r - l) n_pass++;
+        for (int64_t it = 0; it < n_pass; it++) {
+            if (!(l <= thr && l < r && l >= 0)) break;
+            const int64_t mid = (l + r) / 2, pl = (l + mid) / 2, pr = (mid + r) / 2;
+            int64_t posl, posr;
+            if (!p.using_extend) {
+                posl = pl;
+                posr = pr;
+            } else if (p.relative) {
+                posl = 0;
+                posr = 1;
+            } else {
+                posl = posr = c;
+            }
+            const bool hl = pl < p.T, hr = pr < p.T;
+            /* both keys: half-warp `side` loads its key */
+            if (side == 0 && hl) load_key(kv, p.Hkv, d, pl, g, kl, sub, 16);
+            if (side == 1 && hr) load_key(kv, p.Hkv, d, pr, g, kr, sub, 16);
+            __syncwarp();
+            if (rope.on) {
+                for (int u = lane; u < 2 * rope.half; u += 32) {
+                    const int which = u >= rope.half, i = which ? u - rope.half : u;
+                    if (which ? !hr : !hl) continue;
+                    float *kx = which ? kr : kl;
+                    int e0, e1;
+                    rope_elems(rope, i, &e0, &e1);
+                    rope_pair(rope, i, rope_cs(rope, which ? posr : posl, i), &kx[e0], &kx[e1]);
+                }
+                __syncwarp();
+            }
+            const float *key = side ? kr : kl;
+            float mine = -FLT_MAX;
+            for (int rr = 0; rr < nrow; rr++) {
+                const float *row = rows + (size_t)rr * d;
+                float s;
+                if ((d & 15) == 0) s = dot16(row, key, d, sub);
+                else s = dot_seq(row, key, d); /* every lane computes the same value */
+                if (p.score_bf16) s = round_bf16_d(s);
+                if (s > mine) mine = s;
+            }
+            float sl = __shfl_sync(0xffffffffu, mine, 0), sr = __shfl_sync(0xffffffffu, mine, 16);
+            if (!hl) sl = -INFINITY;
+            if (!hr) sr = -INFINITY;
+            __syncwarp(); /* the next pass overwrites kl / kr */
+            float win;
+            if (sl > sr) {
+                r = mid;
+                win = sl;
+            } else {
+                l = mid;
+                win = sr;
+            }
+            if (!any || win > best) best = win;
+            any = true;
+        }
+        if (lane == 0) {
+            hrep[h] = l;
+            hbest[h] = best;
+            hany[h] = any;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float cbest = MASK_SCORE_INIT;
+        int64_t crep = L0;
+        bool have = false;
+        for (int h = 0; h < H; h++) {
+            if (hany[h] && (!have || hbest[h] > cbest)) {
+                cbest = hbest[h];
+                crep = hrep[h];
+                have = true;
+            }
+        }
+        p.score[(size_t)b * p.ub + c] = cbest;
+        p.rep[(size_t)b * p.ub + c] = crep;
+    }
+}
+
+/* ---- select: exact top-k, realign, sort, split / final lists (§2.7, §2.8) -------------------- */
+
+struct mask_select_params {
+    const float *score;    /* [n_qblk][ub] */
+    const int64_t *rep;
+    int64_t ub;
+    int64_t n0;
+    const int32_t *cnt;    /* [n_qblk] or NULL (stage 0: n0) */
+    int64_t k_keep;        /* chunks kept (before min with the count) */
+    int final;             /* 1: last stage */
+    int64_t n_sink, lcs;   /* transition: realign grid */
+    int split;             /* transition: pieces per kept chunk */
+    int64_t *outL, *outR;  /* transition: [n_qblk][out_cap] */
+    int32_t *out_n;        /* transition: [n_qblk] */
+    int out_cap;
+    int64_t bk;            /* final: key block */
+    int64_t *idx;          /* final: [n_qblk][kb] */
+    int32_t *ks;
+    int kb;
+    int64_t pos0;
+    int bq;
+    int P;                 /* pow2 ≥ k (sort size) */
+};
+
+/* Ascending order of this key = descending score, then ascending chunk index (cmp_ord). */
+static __device__ __forceinline__ uint64_t order_key(float s, int64_t i)
+{
+    uint32_t u = __float_as_uint(s);
+    if ((u << 1) == 0) u = 0; /* -0 and +0 compare equal on the CPU */
+    uint32_t asc = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((uint64_t)(~asc) << 32) | (uint64_t)(uint32_t)i;
+}
+
+static __global__ void __launch_bounds__(MASK_SELECT_THREADS) select_kernel(mask_select_params p)
+{
+    const int b = blockIdx.x, tid = threadIdx.x, nt = blockDim.x;
+    const int64_t n = p.cnt ? max((int64_t)0, min((int64_t)p.cnt[b], p.ub)) : p.n0;
+    const int64_t k = min(n, p.k_keep);
+    const float *score = p.score + (size_t)b * p.ub;
+    const int64_t *rep = p.rep + (size_t)b * p.ub;
+    extern __shared__ float4 smem4[];
+    int64_t *val = (int64_t *)smem4; /* [P] */
+    __shared__ unsigned hist[256];
+    __shared__ uint64_t s_prefix;
+    __shared__ uint64_t s_mask;
+    __shared__ int64_t s_kk;
+    __shared__ int s_count;
+    __shared__ int s_u, s_ks;
+
+    /* threshold: the k-th smallest order key (all of them when k == n) */
+    uint64_t kth = ~(uint64_t)0;
+    if (k > 0 && k < n) {
+        if (tid == 0) {
+            s_prefix = 0;
+            s_mask = 0;
+            s_kk = k;
+        }
+        __syncthreads();
+        for (int shift = 56; shift >= 0; shift -= 8) {
+            const uint64_t prefix = s_prefix, mask = s_mask;
+            if (shift < 32 && ((uint64_t)(n - 1) >> shift) == 0) {
+                /* every index is below 2^shift: this digit is 0 for all keys, the rank stays */
+                __syncthreads(); /* everyone read s_prefix / s_mask */
+                if (tid == 0) s_mask = mask | ((uint64_t)255 << shift);
+                __syncthreads();
+                continue;
+            }
+            for (int i = tid; i < 256; i += nt) hist[i] = 0;
+            __syncthreads();
+            /* warp-aggregated: the score keys share their top digits, so plain atomics would
+             * serialize on one bin (every thread runs the same trip count: full warps) */
+            for (int64_t base = 0; base < n; base += nt) {
+                const int64_t i = base + tid;
+                unsigned bin = 256u;
+                if (i < n) {
+                    uint64_t key = order_key(score[i], i);
+                    if ((key & mask) == prefix) bin = (unsigned)(key >> shift) & 255u;
+                }
+                unsigned peers = __match_any_sync(0xffffffffu, bin);
+                if (bin < 256u && (tid & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
+            }
+            __syncthreads();
+            if (tid < 32) {
+                /* the digit holding the kk-th key: lane l sums bins 8l..8l+7, a warp scan finds
+                 * the lane whose range crosses kk, that lane walks its bins */
+                unsigned loc[8];
+                int64_t sum = 0;
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    loc[j] = hist[tid * 8 + j];
+                    sum += loc[j];
+                }
+                int64_t incl = sum;
+                for (int off = 1; off < 32; off <<= 1) {
+                    int64_t t = __shfl_up_sync(0xffffffffu, incl, off);
+                    if (tid >= off) incl += t;
+                }
+                const int64_t excl = incl - sum, kk = s_kk;
+                if (excl < kk && incl >= kk) {
+                    int64_t cum = excl;
+                    int dig = tid * 8 + 7;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        if (cum + (int64_t)loc[j] >= kk) {
+                            dig = tid * 8 + j;
+                            break;
+                        }
+                        cum += loc[j];
+                    }
+                    s_kk = kk - cum;
+                    s_prefix = prefix | ((uint64_t)dig << shift);
+                    s_mask = mask | ((uint64_t)255 << shift);
+                }
+            }
+            __syncthreads();
+        }
+        kth = s_prefix;
+    }
+
+    /* gather the k chosen chunks' realigned starts (transition) or block starts (final) */
+    for (int i = tid; i < p.P; i += nt) val[i] = INT64_MAX;
+    if (tid == 0) s_count = 0;
+    __syncthreads();
+    for (int64_t i = tid; i < (k > 0 ? n : 0); i += nt) {
+        if (order_key(score[i], i) > kth) continue;
+        int slot = atomicAdd(&s_count, 1);
+        if (slot >= p.P) continue; /* cannot happen: exactly k ≤ P keys pass */
+        int64_t rp = rep[i];
+        val[slot] = p.final ? floordiv_d(rp, p.bk) * p.bk
+                            : p.n_sink + floordiv_d(rp - p.n_sink, p.lcs) * p.lcs;
+    }
+    __syncthreads();
+
+    /* bitonic sort of val[0, P) ascending */
+    for (int size = 2; size <= p.P; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            for (int i = tid; i < p.P; i += nt) {
+                int j = i ^ stride;
+                if (j > i) {
+                    bool up = (i & size) == 0;
+                    int64_t x = val[i], y = val[j];
+                    if ((x > y) == up) {
+                        val[i] = y;
+                        val[j] = x;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+
+    if (!p.final) {
+        /* split each kept chunk [Lj, Lj + lcs) into `split` pieces */
+        const int64_t len = p.lcs;
+        const int split = p.split;
+        int64_t *oL = p.outL + (size_t)b * p.out_cap, *oR = p.outR + (size_t)b * p.out_cap;
+        for (int64_t x = tid; x < k * split; x += nt) {
+            const int64_t i = x / split, t = x % split, Lj = val[i], Rj = Lj + len;
+            oL[x] = Lj + floordiv_d(t * len, split);
+            oR[x] = Rj - floordiv_d((split - 1 - t) * len, split);
+        }
+        if (tid == 0) p.out_n[b] = (int32_t)(k * split);
+        return;
+    }
+
+    /* final: de-duplicate (warp 0, 32 at a time), count blocks before the block's end, pad */
+    int64_t *row = p.idx + (size_t)b * p.kb;
+    const int64_t lim = p.pos0 + (int64_t)b * p.bq + p.bq;
+    if (tid < 32) {
+        int u = 0, ks = 0;
+        for (int64_t base = 0; base < k; base += 32) {
+            const int64_t i = base + tid;
+            bool f = i < k && (i == 0 || val[i] != val[i - 1]);
+            unsigned m = __ballot_sync(0xffffffffu, f);
+            unsigned mk = __ballot_sync(0xffffffffu, f && val[i < k ? i : 0] < lim);
+            if (f) row[u + __popc(m & ((1u << tid) - 1u))] = val[i];
+            u += __popc(m);
+            ks += __popc(mk);
+        }
+        if (tid == 0) {
+            s_u = u;
+            s_ks = ks;
+        }
+    }
+    __syncthreads();
+    for (int i = s_u + tid; i < p.kb; i += nt) row[i] = INT64_MAX;
+    if (tid == 0) p.ks[b] = s_ks;
+}
+
+/* ---- host side -------------------------------------------------------------------------------- */
+
+static int mask_fail_launch(const char *what)
+{
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) return 0;
+    return cuda_hip_fail(e, what, __FILE__, __LINE__);
+}
+
+int cuda_hip_mask_init(cuda_hip_mask *m, const hip_layer_config *lc, int max_qblk)
+{
+    if (!m) return -EINVAL;
+    memset(m, 0, sizeof(*m));
+    if (!lc || lc->n_stages < 1 || lc->n_stages > HIP_MAX_STAGES || max_qblk < 1) return -EINVAL;
+    for (int s = 0; s < lc->n_stages; s++)
+        if (lc->stages[s].chunk_size < 1) return -EINVAL;
+    int64_t kb = lc->second_stage_k / lc->stages[lc->n_stages - 1].chunk_size;
+    if (kb < 1 || kb > INT32_MAX) return -EINVAL;
+    m->max_qblk = max_qblk;
+    m->n_stages = lc->n_stages;
+    m->kb = (int)kb;
+    cudaError_t e;
+    e = cudaMalloc(&m->idx_dev, sizeof(int64_t) * (size_t)max_qblk * (size_t)m->kb);
+    if (e != cudaSuccess) goto fail;
+    e = cudaMalloc(&m->ks_dev, sizeof(int32_t) * (size_t)max_qblk);
+    if (e != cudaSuccess) goto fail;
+    e = cudaMemset(m->ks_dev, 0, sizeof(int32_t) * (size_t)max_qblk);
+    if (e != cudaSuccess) goto fail;
+    for (int s = 1; s < lc->n_stages; s++) {
+        int64_t kept = lc->stages[s].stage_k / lc->stages[s - 1].chunk_size;
+        int64_t split = lc->stages[s - 1].chunk_size / lc->stages[s].chunk_size;
+        if (kept < 0 || split < 0 || kept * split > INT32_MAX) {
+            cuda_hip_mask_free(m);
+            return -EINVAL;
+        }
+        m->cand_cap[s] = (int)(kept * split);
+        size_t n = (size_t)max_qblk * (size_t)(m->cand_cap[s] > 0 ? m->cand_cap[s] : 1);
+        e = cudaMalloc(&m->cand_L_dev[s], sizeof(int64_t) * n);
+        if (e != cudaSuccess) goto fail;
+        e = cudaMalloc(&m->cand_R_dev[s], sizeof(int64_t) * n);
+        if (e != cudaSuccess) goto fail;
+        e = cudaMalloc(&m->cand_n_dev[s], sizeof(int32_t) * (size_t)max_qblk);
+        if (e != cudaSuccess) goto fail;
+        e = cudaMemset(m->cand_n_dev[s], 0, sizeof(int32_t) * (size_t)max_qblk);
+        if (e != cudaSuccess) goto fail;
+    }
+    return 0;
+fail:
+    cuda_hip_mask_free(m);
+    if (e == cudaErrorMemoryAllocation) {
+        (void)cudaGetLastError();
+        return -ENOMEM;
+    }
+    return cuda_hip_fail(e, "cuda_hip_mask_init", __FILE__, __LINE__);
+}
+
+void cuda_hip_mask_free(cuda_hip_mask *m)
+{
+    if (!m) return;
+    cudaFree(m->idx_dev);
+    cudaFree(m->ks_dev);
+    for (int s = 0; s < HIP_MAX_STAGES; s++) {
+        cudaFree(m->cand_L_dev[s]);
+        cudaFree(m->cand_R_dev[s]);
+        cudaFree(m->cand_n_dev[s]);
+    }
+    memset(m, 0, sizeof(*m));
+}
+
+static bool mask_same_geometry(const cuda_hip_mask *m, const hip_mask *h)
+{
+    if (m->max_qblk != h->max_qblk || m->kb != h->kb || m->n_stages != h->n_stages) return false;
+    for (int s = 1; s < m->n_stages; s++)
+        if (m->cand_cap[s] != h->cand_cap[s]) return false;
+    return true;
+}
+
+int cuda_hip_mask_download(const cuda_hip_mask *m, hip_mask *out, void *stream)
+{
+    if (!m || !out || !mask_same_geometry(m, out)) return -EINVAL;
+    cudaStream_t st = (cudaStream_t)stream;
+    const size_t nb = (size_t)m->max_qblk;
+    CUDA_TRY(cudaMemcpyAsync(out->idx, m->idx_dev, sizeof(int64_t) * nb * (size_t)m->kb,
+                             cudaMemcpyDeviceToHost, st));
+    CUDA_TRY(cudaMemcpyAsync(out->ks, m->ks_dev, sizeof(int32_t) * nb, cudaMemcpyDeviceToHost, st));
+    for (int s = 1; s < m->n_stages; s++) {
+        size_t n = nb * (size_t)m->cand_cap[s];
+        CUDA_TRY(cudaMemcpyAsync(out->cand_L[s], m->cand_L_dev[s], sizeof(int64_t) * n,
+                                 cudaMemcpyDeviceToHost, st));
+        CUDA_TRY(cudaMemcpyAsync(out->cand_R[s], m->cand_R_dev[s], sizeof(int64_t) * n,
+                                 cudaMemcpyDeviceToHost, st));
+        CUDA_TRY(cudaMemcpyAsync(out->cand_n[s], m->cand_n_dev[s], sizeof(int32_t) * nb,
+                                 cudaMemcpyDeviceToHost, st));
+    }
+    CUDA_TRY(cudaStreamSynchronize(st));
+    out->n_qblk = m->n_qblk;
+    out->pos0 = m->pos0;
+    return 0;
+}
+
+int cuda_hip_mask_upload(cuda_hip_mask *m, const hip_mask *in, void *stream)
+{
+    if (!m || !in || !mask_same_geometry(m, in)) return -EINVAL;
+    cudaStream_t st = (cudaStream_t)stream;
+    const size_t nb = (size_t)m->max_qblk;
+    CUDA_TRY(cudaMemcpyAsync(m->idx_dev, in->idx, sizeof(int64_t) * nb * (size_t)m->kb,
+                             cudaMemcpyHostToDevice, st));
+    CUDA_TRY(cudaMemcpyAsync(m->ks_dev, in->ks, sizeof(int32_t) * nb, cudaMemcpyHostToDevice, st));
+    for (int s = 1; s < m->n_stages; s++) {
+        size_t n = nb * (size_t)m->cand_cap[s];
+        CUDA_TRY(cudaMemcpyAsync(m->cand_L_dev[s], in->cand_L[s], sizeof(int64_t) * n,
+                                 cudaMemcpyHostToDevice, st));
+        CUDA_TRY(cudaMemcpyAsync(m->cand_R_dev[s], in->cand_R[s], sizeof(int64_t) * n,
+                                 cudaMemcpyHostToDevice, st));
+        CUDA_TRY(cudaMemcpyAsync(m->cand_n_dev[s], in->cand_n[s], sizeof(int32_t) * nb,
+                                 cudaMemcpyHostToDevice, st));
+    }
+    /* the host buffers must stay valid until the copies ran */
+    CUDA_TRY(cudaStreamSynchronize(st));
+    m->n_qblk = in->n_qblk;
+    m->pos0 = in->pos0;
+    return 0;
+}
+
+static int next_pow2(int64_t x)
+{
+    int p = 1;
+    while (p < x) p <<= 1;
+    return p;
+}
+
+int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t pos0,
+                           int64_t n_tok, int first_stage, cuda_hip_mask *m, cuda_hip_work *w,
+                           void *stream)
+{
+    if (!a || !a->layer || !q_dev || !m || !w) return -EINVAL;
+    const hip_layer_config *lc = a->layer;
+    const cuda_kv_view *kv = &a->kv;
+    const int64_t T = kv->n_kv;
+    if (n_tok < 1 || pos0 < 0 || T < pos0 + n_tok || !kv->k_dev) return -EINVAL;
+    const int H = a->shape.n_head, Hkv = a->shape.n_head_kv, d = a->shape.head_dim;
+    if (H < 1 || Hkv < 1 || H % Hkv || H > MASK_MAX_HEADS || d < 1 || d > MASK_MAX_HEAD_DIM ||
+        a->block_size_q < 1 || a->block_size_k < 1)
+        return -EINVAL;
+    if (kv->dtype != CUDA_KV_BF16 && kv->dtype != CUDA_KV_FP8) return -EINVAL;
+    if (kv->page_dev && kv->page_tokens < 1) return -EINVAL;
+    const int S = lc->n_stages;
+    if (S < 1 || S > HIP_MAX_STAGES) return -EINVAL;
+    const int64_t bq = a->block_size_q, n_qblk = (n_tok + bq - 1) / bq;
+    if (n_qblk > m->max_qblk || n_qblk > 65535 || m->n_stages != S ||
+        m->kb != (int)(lc->second_stage_k / lc->stages[S - 1].chunk_size))
+        return -EINVAL;
+    for (int s = 0; s < S; s++) {
+        const hip_stage *st = &lc->stages[s];
+        if (st->block_size_q != bq || st->block_stride_q < 1 || st->chunk_size < 1) return -EINVAL;
+        if (s > 0 && m->cand_cap[s] != (int)(st->stage_k / lc->stages[s - 1].chunk_size *
+                                             (lc->stages[s - 1].chunk_size / st->chunk_size)))
+            return -EINVAL;
+    }
+    if (first_stage < 0 || first_stage > S || (first_stage > 0 && n_qblk != 1)) return -EINVAL;
+    if (first_stage == S) return 0; /* reuse the final lists as they are */
+    const cuda_rope *cr = a->rope;
+    if (cr && (!cr->inv_freq_dev || cr->head_dim != d || cr->n_rot < 2 || cr->n_rot > d ||
+               (cr->n_rot & 1)))
+        return -EINVAL;
+    cudaStream_t st = (cudaStream_t)stream;
+
+    const int64_t n_sink = lc->sink_token_size, n_stream = lc->sliding_window_size;
+    const int64_t lc0 = lc->stages[0].chunk_size, sw = n_stream - lc0;
+    const int64_t n0 = T - n_sink - n_stream > 0 ? (T - n_sink - n_stream + lc0 - 1) / lc0 : 0;
+    if (n0 > INT32_MAX) return -EINVAL;
+
+    /* per-stage upper bounds and buffer sizes */
+    int64_t ub[HIP_MAX_STAGES], max_ub = 1, max_rows = 1;
+    for (int s = first_stage; s < S; s++) {
+        ub[s] = s == 0 ? n0 : m->cand_cap[s];
+        max_ub = ub[s] > max_ub ? ub[s] : max_ub;
+        int64_t rmax = (bq + lc->stages[s].block_stride_q - 1) / lc->stages[s].block_stride_q;
+        max_rows = rmax > max_rows ? rmax : max_rows;
+    }
+    float *rows = (float *)cuda_hip_work_get(
+        w, SLOT_ROWS, sizeof(float) * (size_t)n_qblk * (size_t)H * (size_t)max_rows * (size_t)d);
+    float *score = (float *)cuda_hip_work_get(w, SLOT_SCORE, sizeof(float) * (size_t)n_qblk * (size_t)max_ub);
+    int64_t *rep = (int64_t *)cuda_hip_work_get(w, SLOT_REP, sizeof(int64_t) * (size_t)n_qblk * (size_t)max_ub);
+    if (!rows || !score || !rep) return -ENOMEM;
+
+    mask_rope rope;
+    memset(&rope, 0, sizeof(rope));
+    if (cr) {
+        rope.on = 1;
+        rope.style = cr->style;
+        rope.half = cr->n_rot / 2;
+        rope.n_rot = cr->n_rot;
+        rope.inv_freq = cr->inv_freq_dev;
+        int64_t need;
+        if (!a->using_extend) need = T;
+        else if (lc->scan_rope == HIP_SCAN_RELATIVE) need = sw + 2;
+        else need = max_ub + sw + 1;
+        if (need < 2) need = 2;
+        if (need > MASK_ROPE_TAB_MAX) need = MASK_ROPE_TAB_MAX;
+        float2 *tab = (float2 *)cuda_hip_work_get(w, SLOT_TAB, sizeof(float2) * (size_t)need * (size_t)rope.half);
+        if (!tab) return -ENOMEM;
+        rope.tab = tab;
+        rope.tab_n = need;
+        int64_t tot = need * rope.half;
+        rope_tab_kernel<<<(unsigned)((tot + 255) / 256), 256, 0, st>>>(tab, rope.inv_freq, rope.half, need);
+        int rc = mask_fail_launch("rope_tab_kernel");
+        if (rc) return rc;
+    }
+
+    mask_kv mkv;
+    mkv.k = kv->k_dev;
+    mkv.dtype = kv->dtype;
+    mkv.k_scale = kv->dtype == CUDA_KV_FP8 ? kv->k_scale : 1.0f;
+    mkv.page = kv->page_dev;
+    mkv.page_tokens = kv->page_tokens;
+
+    for (int s = first_stage; s < S; s++) {
+        const hip_stage *hs = &lc->stages[s];
+        mask_stage_params p;
+        memset(&p, 0, sizeof(p));
+        p.pos0 = pos0;
+        p.n_tok = n_tok;
+        p.T = T;
+        p.bq = (int)bq;
+        p.H = H;
+        p.Hkv = Hkv;
+        p.G = H / Hkv;
+        p.d = d;
+        p.scale = a->shape.scale;
+        p.using_extend = a->using_extend;
+        p.relative = lc->scan_rope == HIP_SCAN_RELATIVE;
+        p.score_bf16 = a->score_bf16;
+        p.n_sink = n_sink;
+        p.sw = sw;
+        p.lc0 = lc0;
+        p.stride = hs->block_stride_q;
+        p.rmax = (int)((bq + p.stride - 1) / p.stride);
+        p.ub = ub[s];
+        p.n0 = n0;
+        p.cnt = s == 0 ? NULL : m->cand_n_dev[s];
+        p.L = s == 0 ? NULL : m->cand_L_dev[s];
+        p.R = s == 0 ? NULL : m->cand_R_dev[s];
+        p.rows = rows;
+        p.score = score;
+        p.rep = rep;
+
+        prep_kernel<<<dim3((unsigned)n_qblk, (unsigned)H), 128, 0, st>>>(p, rope, q_dev);
+        int rc = mask_fail_launch("prep_kernel");
+        if (rc) return rc;
+        if (ub[s] > 0) {
+            if (ub[s] > INT32_MAX) return -EINVAL;
+            size_t smem = 16 * (size_t)H + sizeof(float) * 2 * (size_t)d * MASK_SCAN_WARPS;
+            scan_kernel<<<dim3((unsigned)ub[s], (unsigned)n_qblk), MASK_SCAN_WARPS * 32, smem, st>>>(p, rope, mkv);
+            rc = mask_fail_launch("scan_kernel");
+            if (rc) return rc;
+        }
+
+        mask_select_params sp;
+        memset(&sp, 0, sizeof(sp));
+        sp.score = score;
+        sp.rep = rep;
+        sp.ub = ub[s];
+        sp.n0 = n0;
+        sp.cnt = p.cnt;
+        sp.pos0 = pos0;
+        sp.bq = (int)bq;
+        int64_t kmax;
+        if (s < S - 1) {
+            const int64_t lcs = hs->chunk_size, lcn = lc->stages[s + 1].chunk_size;
+            sp.k_keep = lc->stages[s + 1].stage_k / lcs;
+            sp.final = 0;
+            sp.n_sink = n_sink;
+            sp.lcs = lcs;
+            sp.split = (int)(lcs / lcn);
+            sp.outL = m->cand_L_dev[s + 1];
+            sp.outR = m->cand_R_dev[s + 1];
+            sp.out_n = m->cand_n_dev[s + 1];
+            sp.out_cap = m->cand_cap[s + 1];
+        } else {
+            sp.k_keep = m->kb;
+            sp.final = 1;
+            sp.bk = a->block_size_k;
+            sp.idx = m->idx_dev;
+            sp.ks = m->ks_dev;
+            sp.kb = m->kb;
+        }
+        kmax = sp.k_keep < ub[s] ? sp.k_keep : ub[s];
+        if (kmax < 0) kmax = 0;
+        if (kmax > MASK_SELECT_MAX_P) {
+            fprintf(stderr, "cuda_hip_mask_estimate: stage %d keeps %lld chunks (max %d)\n", s,
+                    (long long)kmax, MASK_SELECT_MAX_P);
+            return -EINVAL;
+        }
+        sp.P = next_pow2(kmax > 1 ? kmax : 1);
+        size_t smem = sizeof(int64_t) * (size_t)sp.P;
+        if (smem > 48 * 1024)
+            CUDA_TRY(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          (int)smem));
+        select_kernel<<<(unsigned)n_qblk, MASK_SELECT_THREADS, smem, st>>>(sp);
+        rc = mask_fail_launch("select_kernel");
+        if (rc) return rc;
+    }
+    m->n_qblk = (int)n_qblk;
+    m->pos0 = pos0;
+    return 0;
+}

@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""attention_gpu_torch.py — PyTorch SDPA decode latency for the shapes of attention_gpu.
+
+One Llama-3.1-8B layer (32 query heads, 8 KV heads, head_dim 128, bf16, batch 1), one query
+token against T keys, torch.nn.functional.scaled_dot_product_attention with each backend forced
+through torch.nn.attention.sdpa_kernel (cuDNN, flash, efficient; math only for small T).
+GQA: enable_gqa=True when this torch accepts it, else K/V expanded to 32 heads (the expand's
+copy is made once, outside the timing). CUDA events, warm-up, median of --reps. Every backend runs
+in its own try/except and prints why it failed. Prints the same table format as attention_gpu and
+writes CSV (op,T,n_tok,median_ms,bytes,GB_per_s,TFLOP_per_s,reps,note).
+
+    python3 tests/bench/attention_gpu_torch.py [--sizes 128K,256K,512K,1M,2M,4M] [--reps 20]
+                                               [--csv PATH] [--math-max 262144]
+"""
+import argparse
+import statistics
+import sys
+
+H, HKV, D = 32, 8, 128
+
+
+def parse_size(s):
+    s = s.strip()
+    mult = 1
+    if s[-1] in "kK":
+        mult, s = 1024, s[:-1]
+    elif s[-1] in "mM":
+        mult, s = 1024 * 1024, s[:-1]
+    return int(float(s) * mult)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="128K,256K,512K,1M,2M,4M")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--csv", default=None)
+    ap.add_argument("--math-max", type=int, default=256 * 1024,
+                    help="largest T for the math fallback (it materialises the scores)")
+    args = ap.parse_args()
+
+    try:
+        import torch
+        import torch.nn.functional as F
+    except Exception as e:  # noqa: BLE001
+        print(f"torch not importable: {e}")
+        return 77
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 77
+    print(f"torch {torch.__version__}, device: {torch.cuda.get_device_name(0)}")
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except Exception as e:  # noqa: BLE001
+        print(f"torch.nn.attention.sdpa_kernel unavailable ({e}): default dispatch only")
+        SDPBackend, sdpa_kernel = None, None
+
+    backends = []
+    if SDPBackend is not None:
+        for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+            if hasattr(SDPBackend, name):
+                backends.append((name.lower(), getattr(SDPBackend, name)))
+    else:
+        backends.append(("default", None))
+
+    sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    reps = max(1, args.reps)
+    rows = []
+    csv = open(args.csv, "w") if args.csv else None
+    if csv:
+        csv.write("op,T,n_tok,median_ms,bytes,GB_per_s,TFLOP_per_s,reps,note\n")
+
+    def timed(fn):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ts.append(start.elapsed_time(end))
+        return statistics.median(ts)
+
+    def add(op, T, ms, nbytes, note):
+        gbs = nbytes / (ms * 1e-3) / 1e9 if ms and ms > 0 else 0.0
+        line = f"  {op:<28s} T {T:8d} n_tok {1:6d}  {ms if ms else -1:10.4f} ms"
+        if ms and ms > 0:
+            line += f"  {gbs:8.1f} GB/s"
+        if note:
+            line += "  " + note
+        print(line, flush=True)
+        rows.append((op, T, ms, gbs))
+        if csv:
+            csv.write(f"{op},{T},1,{ms if ms else -1:.6f},{nbytes:.0f},{gbs:.3f},0,{reps},{note}\n")
+
+    # probe enable_gqa once
+    gqa = True
+    try:
+        q = torch.randn(1, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, HKV, 16, D, device="cuda", dtype=torch.bfloat16)
+        F.scaled_dot_product_attention(q, k, k, enable_gqa=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"enable_gqa not usable ({type(e).__name__}: {e}); K/V expanded to {H} heads")
+        gqa = False
+
+    print(f"decode (1 query, {H} heads / {HKV} KV heads, d {D}, bf16):")
+    for T in sizes:
+        nbytes = T * HKV * D * 2 * 2
+        try:
+            q = torch.randn(1, H, 1, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+            if not gqa:
+                k = k.repeat_interleave(H // HKV, dim=1)
+                v = v.repeat_interleave(H // HKV, dim=1)
+        except Exception as e:  # noqa: BLE001
+            print(f"  T {T}: cannot allocate inputs: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
+            continue
+        for name, be in backends:
+            op = f"torch sdpa {name}"
+            if name == "math" and T > args.math_max:
+                print(f"  {op:<28s} T {T:8d}: skipped (math fallback above --math-max)")
+                continue
+            kw = {"enable_gqa": True} if gqa else {}
+
+            def call():
+                return F.scaled_dot_product_attention(q, k, v, **kw)
+
+            try:
+                if be is not None:
+                    with sdpa_kernel([be]):
+                        ms = timed(call)
+                else:
+                    ms = timed(call)
+                add(op, T, ms, nbytes, "" if gqa else "expanded K/V")
+            except Exception as e:  # noqa: BLE001
+                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                print(f"  {op:<28s} T {T:8d}: failed: {type(e).__name__}: {msg}")
+                torch.cuda.synchronize()
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    print("\nsummary (median ms; one layer, batch 1):")
+    names = sorted({r[0] for r in rows})
+    print("%10s " % "T" + " ".join("%22s" % n.replace("torch sdpa ", "") for n in names))
+    for T in sizes:
+        cells = []
+        for n in names:
+            ms = next((r[2] for r in rows if r[0] == n and r[1] == T), None)
+            cells.append("%22s" % (f"{ms:.4f}" if ms else "-"))
+        print("%10d " % T + " ".join(cells))
+    if csv:
+        csv.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
