@@ -16,6 +16,8 @@ struct opts {
     int kv_type;
     bool hip;
     const char *hip_preset, *hip_config;
+    bool cuda;             /* generate: --device cuda */
+    const char *synthetic; /* generate --device cuda: synthetic model shape (no -m) */
     int64_t tokens;
     const char *addr;   /* chat: the decode worker */
     int64_t timeout_ms; /* chat: call deadline (0 = none) */
@@ -36,6 +38,10 @@ int cli_hip_config(const struct opts *o, hip_config *hc, cm_err *err);
 /* "ihip: error: ..." on stderr; returns 1. */
 int die(const char *fmt, ...) CM_PRINTF(1, 2);
 
+/* generate --device cuda (ihip-gen-cuda.c): the model m (NULL with --synthetic), its vocabulary
+ * (NULL: print token ids) and the prompt ids; returns the exit status. */
+int cli_generate_cuda(const struct opts *o, const mdl_model *m, const tok_vocab *v,
+                      const int32_t *prompt, int64_t n_prompt);
 int cmd_mask_quality(int argc, char **argv);
 int cmd_chat(int argc, char **argv);
 int cmd_health(int argc, char **argv);

@@ -36,6 +36,10 @@ static void usage(FILE *o)
             "\n"
             "ihip generate -m MODEL (-p PROMPT | -f FILE) [options]\n"
             "  -m, --model PATH       GGUF model file\n"
+            "      --device D         cpu (default) or cuda (GPU 0; needs a CUDA build)\n"
+            "      --synthetic SHAPE  with --device cuda, instead of -m: random weights (from --seed) of\n"
+            "                         shape llama3-8b, llama3-1b, smollm2-135m or tiny, and --tokens N\n"
+            "                         random prompt ids (default 512); prints token ids\n"
             "  -p, --prompt TEXT      prompt text\n"
             "  -f, --file PATH        read the prompt from a file ('-' = stdin)\n"
             "      --chat             treat the prompt as a user message; apply the model's chat template\n"
@@ -227,6 +231,15 @@ int cli_parse_opts(int argc, char **argv, struct opts *o)
             if (!strcmp(t, "dense")) o->hip = false;
             else if (!strcmp(t, "hip")) o->hip = true;
             else return die("--attention must be dense or hip, got '%s'", t), -1;
+        } else if (!strcmp(a, "--device")) {
+            NEED_ARG();
+            const char *t = argv[++i];
+            if (!strcmp(t, "cpu")) o->cuda = false;
+            else if (!strcmp(t, "cuda")) o->cuda = true;
+            else return die("--device must be cpu or cuda, got '%s'", t), -1;
+        } else if (!strcmp(a, "--synthetic")) {
+            NEED_ARG();
+            o->synthetic = argv[++i];
         } else if (!strcmp(a, "--hip-preset")) {
             NEED_ARG();
             o->hip_preset = argv[++i];
@@ -265,7 +278,11 @@ int cli_parse_opts(int argc, char **argv, struct opts *o)
         }
     }
     bool remote = !strcmp(argv[1], "chat") || !strcmp(argv[1], "health");
-    if (!o->model && !remote) return die("missing -m MODEL"), -1;
+    if (o->synthetic && !o->cuda) return die("--synthetic needs --device cuda"), -1;
+    if (o->synthetic && o->model) return die("give either -m MODEL or --synthetic SHAPE, not both"), -1;
+    if (o->synthetic && (o->prompt || o->file || o->chat))
+        return die("--synthetic has no tokenizer: its prompt is --tokens N random ids, not -p/-f/--chat"), -1;
+    if (!o->model && !remote && !o->synthetic) return die("missing -m MODEL"), -1;
     if (remote && !o->addr) return die("missing --addr HOST:PORT"), -1;
     if ((o->hip_preset || o->hip_config) && !o->hip && strcmp(argv[1], "mask-quality") != 0)
         return die("--hip-preset and --hip-config need --attention hip"), -1;
@@ -398,6 +415,7 @@ static int cmd_generate(int argc, char **argv)
     if (cli_parse_opts(argc, argv, &o)) return 2;
     cm_err err = {0};
     if (smp_params_validate(&o.sp, &err) < 0) return die("%s", err.msg);
+    if (o.synthetic) return cli_generate_cuda(&o, NULL, NULL, NULL, 0);
     size_t len;
     char *text = cli_get_prompt(&o, &len);
     if (!text) return 1;
@@ -458,6 +476,10 @@ static int cmd_generate(int argc, char **argv)
         goto out;
     }
 
+    if (o.cuda) {
+        ret = cli_generate_cuda(&o, m, v, ids, n_prompt);
+        goto out;
+    }
     mdl_ctx_params cp = mdl_ctx_default_params();
     cp.n_ctx = o.n_ctx;
     cp.n_threads = (int)o.threads;

@@ -1,0 +1,140 @@
+/*
+ * cuda-model.h — the Llama-family forward (common/model) on one GPU.
+ *
+ * A cuda_model holds every weight on the GPU in bf16 (matrices) and f32 (norm vectors): either
+ * uploaded from an already-loaded CPU model (each GGUF tensor dequantised on the host with the
+ * tn_* functions of common/tensor, then rounded to bf16), or generated on the GPU from a hash of
+ * (seed, tensor, index) for benchmarking without a file. A cuda_ctx owns the KV caches of up to
+ * n_seq sequences (bf16, keys UN-ROTATED, shared/HIP.md §4) and the scratch of one forward; it
+ * runs prefill (chunks of up to n_chunk tokens of one sequence), decode (one token of one
+ * sequence) and batched decode (one token of each of B sequences: every GEMM has B rows,
+ * attention runs per sequence). Attention is cuda_attn_dense (cuda-hip.h), or HiP
+ * (cuda_hip_mask_estimate + cuda_hip_bsa with the refresh schedule of common/hip's provider)
+ * when the context is given a hip_config.
+ *
+ * Numerics: GEMMs are cuBLAS bf16 × bf16 with fp32 accumulation and an fp32 residual stream;
+ * the activations entering a GEMM (normed x, attention output, SwiGLU output) are rounded to
+ * bf16; RMSNorm, SwiGLU, softmax and logits are fp32.
+ *
+ * Errors: 0 or a negative code: -EINVAL (bad argument), -ENOMEM, -CM_ELIMIT (context full),
+ * -ENODEV (no GPU), -CM_EUNSUPPORTED, or CUDA_ERR(e) = -(1000 + cudaError_t) / -(3000 + a
+ * cublasStatus_t) for a failed CUDA / cuBLAS call; `err` (may be NULL) names the problem.
+ * Every call that returns logits synchronizes the context's stream; nothing else blocks.
+ * Threads: a context is used by one thread at a time; a model may be shared by contexts.
+ */
+#ifndef CUDA_MODEL_H
+#define CUDA_MODEL_H
+
+#include "../../base/cm.h"
+#include "../../hip/hip.h"
+#include "../../model/model.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CUBLAS_ERR(s) (-(3000 + (int)(s))) /* a cublasStatus_t as our negative return value */
+
+typedef struct cuda_model cuda_model;
+
+/* Upload a loaded CPU model (the CPU model may be freed afterwards: nothing is borrowed).
+ * Uses device `dev` (made current on the calling thread). Returns NULL with err filled. */
+CM_API cuda_model *cuda_model_load(const mdl_model *cpu_model, int dev, cm_err *err);
+
+/* A model of a known shape with weights generated on the GPU (no file, no tokenizer):
+ *   "llama3-8b"     32 layers, 4096 embd, 32/8 heads, head_dim 128, ff 14336, vocab 128256,
+ *                   rope base 500000 with Llama-3.1 scaling factors (factor 8, low 1, high 4,
+ *                   original context 8192), untied output
+ *   "llama3-1b"     16 layers, 2048 embd, 32/8 heads, head_dim 64, ff 8192, vocab 128256,
+ *                   rope base 500000 with Llama-3.2 scaling (factor 32), tied output
+ *   "smollm2-135m"  30 layers, 576 embd, 9/3 heads, head_dim 64, ff 1536, vocab 49152,
+ *                   rope base 100000, plain, tied output
+ *   "tiny"          4 layers, 512 embd, 4/2 heads, head_dim 128, ff 1024, vocab 4096,
+ *                   rope base 500000 with the llama3-8b scaling factors, untied (tests)
+ * Every matrix with n_in inputs is uniform with standard deviation 1/sqrt(n_in) (embedding and
+ * output: 1/sqrt(n_embd), so tied and untied logits are both of order one); norm weights are
+ * uniform in [0.8, 1.2]; so activations stay of order one. Uniform, not normal: a hash gives it
+ * in three exact float operations, identical on host and GPU (cuda_model_synth_value).
+ * Returns NULL with err filled. */
+CM_API cuda_model *cuda_model_synthetic(const char *shape, uint64_t seed, int dev, cm_err *err);
+CM_API void cuda_model_free(cuda_model *m);
+
+/* Hyper-parameters (arch "llama"; for synthetic models n_ctx_train is the shape's trained
+ * length). Valid while m lives. */
+CM_API const mdl_hparams *cuda_model_hparams(const cuda_model *m);
+/* Llama-3 style per-frequency divisors [n_rot/2] or NULL (valid while m lives). */
+CM_API const float *cuda_model_rope_freqs(const cuda_model *m);
+/* Bytes of GPU memory the weights take. */
+CM_API size_t cuda_model_bytes(const cuda_model *m);
+
+/* Logical tensors (GGUF names: token_embd, output_norm, output, blk.L.attn_norm, ...). */
+enum cuda_tensor {
+    CUDA_T_TOK_EMBD = 0, /* [n_vocab][n_embd] */
+    CUDA_T_OUTPUT_NORM,  /* [n_embd] f32 */
+    CUDA_T_OUTPUT,       /* [n_vocab][n_embd] (tied: the embedding) */
+    CUDA_T_ATTN_NORM,    /* per layer [n_embd] f32 */
+    CUDA_T_WQ,           /* [n_head*head_dim][n_embd] */
+    CUDA_T_WK,           /* [n_head_kv*head_dim][n_embd] */
+    CUDA_T_WV,           /* [n_head_kv*head_dim][n_embd] */
+    CUDA_T_WO,           /* [n_embd][n_head*head_dim] */
+    CUDA_T_FFN_NORM,     /* [n_embd] f32 */
+    CUDA_T_GATE,         /* [n_ff][n_embd] */
+    CUDA_T_UP,           /* [n_ff][n_embd] */
+    CUDA_T_DOWN,         /* [n_embd][n_ff] */
+    CUDA_T_COUNT
+};
+
+/* Elements of a logical tensor (layer ignored for the first three), 0 for a bad kind/layer. */
+CM_API int64_t cuda_model_tensor_numel(const cuda_model *m, int layer, int kind);
+/* Copy a logical tensor to host f32 (bf16 widened exactly); n must equal its numel.
+ * Synchronous. For tests. */
+CM_API int cuda_model_tensor_download(const cuda_model *m, int layer, int kind, float *out,
+                                      int64_t n);
+/* The value a synthetic model of `seed` holds at element i of tensor (layer, kind) before the
+ * bf16 rounding of matrices (f32 norms are stored as is); needs the shape's hyper-parameters. */
+CM_API float cuda_model_synth_value(const mdl_hparams *hp, uint64_t seed, int layer, int kind,
+                                    int64_t i);
+/* The bf16 rounding (nearest even) the GPU applies when it stores a weight or activation. */
+CM_API float cuda_model_round_bf16(float x);
+
+/* ---- contexts -------------------------------------------------------------------------------- */
+
+typedef struct cuda_ctx_params {
+    int64_t n_ctx;         /* KV capacity per sequence in tokens (0 = the model's trained length) */
+    int64_t n_chunk;       /* prefill chunk (rows of one forward) (0 = 512) */
+    int n_seq;             /* sequences (KV caches) of the context, also the largest decode batch
+                            * (0 = 1) */
+    const hip_config *hip; /* NULL = dense attention; else HiP with this config (copied) */
+} cuda_ctx_params;
+
+CM_API cuda_ctx_params cuda_ctx_default_params(void);
+
+typedef struct cuda_ctx cuda_ctx;
+
+/* A context on the model's device. The model must outlive it. NULL with err filled. */
+CM_API cuda_ctx *cuda_ctx_init(const cuda_model *m, const cuda_ctx_params *p, cm_err *err);
+CM_API void cuda_ctx_free(cuda_ctx *c);
+/* Forget sequence seq (its n_past = 0 and its HiP state); seq < 0 resets every sequence. */
+CM_API void cuda_ctx_reset(cuda_ctx *c, int seq);
+/* Tokens in the KV cache of sequence seq (-1 for a bad seq). */
+CM_API int64_t cuda_ctx_n_past(const cuda_ctx *c, int seq);
+/* The attention in use: "dense" or "hip". */
+CM_API const char *cuda_ctx_attn_name(const cuda_ctx *c);
+
+/* Append n tokens to sequence seq (chunks of n_chunk) and copy the f32 logits of the last one
+ * to logits[n_vocab] (may be NULL). Errors: -EINVAL (bad seq, token id or n ≤ 0), -CM_ELIMIT
+ * (n_past + n > n_ctx), -ECANCELED (progress returned nonzero), CUDA errors. A failed call
+ * leaves n_past as it was before the chunk that failed. */
+CM_API int cuda_prefill(cuda_ctx *c, int seq, const int32_t *tokens, int64_t n, float *logits,
+                        mdl_progress_fn progress, void *user, cm_err *err);
+/* One decode step of sequence seq: logits[n_vocab] of the new token (may be NULL). */
+CM_API int cuda_decode(cuda_ctx *c, int seq, int32_t token, float *logits, cm_err *err);
+/* One decode step of B distinct sequences seqs[0..B) with tokens[0..B): one forward of B rows;
+ * logits [B][n_vocab] (may be NULL). B ≤ n_seq. Same errors (checked before any work). */
+CM_API int cuda_decode_batch(cuda_ctx *c, int B, const int *seqs, const int32_t *tokens,
+                             float *logits, cm_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CUDA_MODEL_H */
