@@ -672,6 +672,13 @@ static void on_prefill(rpc_call *call, const ProtobufCMessage *msg, void *user)
                         w->fingerprint_hex, r->model_fingerprint);
         return;
     }
+    if (r->attention && r->attention->config_json[0] &&
+        r->attention->config_json[strspn(r->attention->config_json, " \t\r\n")] != '{') {
+        /* JSON text only: a request must not make the worker open a file (a FIFO would block
+         * this RPC thread for good). */
+        rpc_call_finish(call, RPC_INVALID_ARGUMENT, "attention.config_json must be a JSON object");
+        return;
+    }
     prefill_job *j = calloc(1, sizeof(*j));
     if (!j || !(j->tokens = malloc(r->n_token_ids * sizeof(int32_t)))) {
         free(j);
