@@ -74,8 +74,13 @@ int rpc_bb_unpack(grpc_byte_buffer *bb, const ProtobufCMessageDescriptor *type, 
     /* protobuf-c copies strings and bytes out of the input, so the slice can go right after. */
     *msg = protobuf_c_message_unpack(type, rpc_arena_allocator(arena), GRPC_SLICE_LENGTH(s),
                                      GRPC_SLICE_START_PTR(s));
+    /* protobuf-c keeps strings NUL-terminated: one with an embedded NUL would be silently cut
+     * ("a\0b" read as "a"). Refuse it instead, looking at the wire bytes. */
+    int rc = *msg ? 0 : -EBADMSG;
+    if (rc == 0 && rpc_wire_check_strings(GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s), type) < 0)
+        rc = -EILSEQ;
     grpc_slice_unref(s);
-    return *msg ? 0 : -EBADMSG;
+    return rc;
 }
 
 grpc_byte_buffer *rpc_bb_pack(const ProtobufCMessage *msg)
@@ -461,10 +466,14 @@ static void on_request(rpc_worker *w, rpc_call *c, bool ok)
         atomic_fetch_add(&s->n_started, 1);
         ProtobufCMessage *req = NULL;
         cm_err err = {0};
+        int rc;
         if (!c->payload) {
             rpc_call_finish(c, RPC_INVALID_ARGUMENT, "missing request message");
-        } else if (rpc_bb_unpack(c->payload, m->request, c->arena, &req) < 0) {
-            rpc_call_finish(c, RPC_INVALID_ARGUMENT, "malformed %s message", m->request->name);
+        } else if ((rc = rpc_bb_unpack(c->payload, m->request, c->arena, &req)) < 0) {
+            rpc_call_finish(c, RPC_INVALID_ARGUMENT,
+                            rc == -EILSEQ ? "a string field of %s contains a NUL character"
+                                          : "malformed %s message",
+                            m->request->name);
         } else if (rpc_message_check_utf8(req, &err) < 0) {
             rpc_call_finish(c, RPC_INVALID_ARGUMENT, "%s", err.msg);
         } else {
@@ -499,10 +508,14 @@ static void on_recv(rpc_call *c, bool ok)
         rpc_arena_reset(c->msg_arena);
     ProtobufCMessage *req = NULL;
     cm_err err = {0};
+    int rc;
     if (!c->msg_arena) {
         rpc_call_finish(c, RPC_RESOURCE_EXHAUSTED, "out of memory");
-    } else if (rpc_bb_unpack(bb, m->request, c->msg_arena, &req) < 0) {
-        rpc_call_finish(c, RPC_INVALID_ARGUMENT, "malformed %s message", m->request->name);
+    } else if ((rc = rpc_bb_unpack(bb, m->request, c->msg_arena, &req)) < 0) {
+        rpc_call_finish(c, RPC_INVALID_ARGUMENT,
+                        rc == -EILSEQ ? "a string field of %s contains a NUL character"
+                                      : "malformed %s message",
+                        m->request->name);
     } else if (rpc_message_check_utf8(req, &err) < 0) {
         rpc_call_finish(c, RPC_INVALID_ARGUMENT, "%s", err.msg);
     } else {

@@ -326,3 +326,65 @@ int rpc_message_check_utf8(const ProtobufCMessage *msg, cm_err *err)
 {
     return check_msg(msg, err, 0);
 }
+
+/* ---- embedded NULs in string fields (on the wire) ---------------------------------------------
+ */
+
+static bool wire_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
+{
+    uint64_t x = 0;
+    for (int shift = 0; shift < 64 && *p < end; shift += 7) {
+        uint8_t b = *(*p)++;
+        x |= (uint64_t)(b & 0x7f) << shift;
+        if (!(b & 0x80)) {
+            *v = x;
+            return true;
+        }
+    }
+    return false;
+}
+
+static int wire_check(const uint8_t *p, size_t n, const ProtobufCMessageDescriptor *d, int depth)
+{
+    const uint8_t *end = p + n;
+    if (depth > 64) return 0; /* check_msg reports the nesting */
+    while (p < end) {
+        uint64_t tag, v;
+        if (!wire_varint(&p, end, &tag)) return 0;
+        switch (tag & 7) {
+        case 0:
+            if (!wire_varint(&p, end, &v)) return 0;
+            break;
+        case 1:
+            if (end - p < 8) return 0;
+            p += 8;
+            break;
+        case 5:
+            if (end - p < 4) return 0;
+            p += 4;
+            break;
+        case 2: {
+            if (!wire_varint(&p, end, &v) || v > (uint64_t)(end - p)) return 0;
+            const ProtobufCFieldDescriptor *f =
+                tag >> 3 <= UINT32_MAX
+                    ? protobuf_c_message_descriptor_get_field(d, (unsigned)(tag >> 3))
+                    : NULL;
+            if (f && f->type == PROTOBUF_C_TYPE_STRING && memchr(p, 0, (size_t)v)) return -EILSEQ;
+            if (f && f->type == PROTOBUF_C_TYPE_MESSAGE) {
+                int rc = wire_check(p, (size_t)v, f->descriptor, depth + 1);
+                if (rc < 0) return rc;
+            }
+            p += v;
+            break;
+        }
+        default: /* groups: protobuf-c refused the message already */
+            return 0;
+        }
+    }
+    return 0;
+}
+
+int rpc_wire_check_strings(const void *data, size_t len, const ProtobufCMessageDescriptor *type)
+{
+    return wire_check((const uint8_t *)data, len, type, 0);
+}

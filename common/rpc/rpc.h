@@ -108,6 +108,11 @@ CM_API ProtobufCAllocator *rpc_arena_allocator(rpc_arena *a);
 /* Check that every string field of msg (recursively) is valid UTF-8, as proto3 requires;
  * protobuf-c does not check. Returns 0, or -EILSEQ with err naming the field. */
 CM_API int rpc_message_check_utf8(const ProtobufCMessage *msg, cm_err *err);
+/* Scan a serialized message of `type` for string fields (at any depth) holding a NUL byte, which
+ * protobuf-c would silently cut. Returns 0, or -EILSEQ when one does. Assumes the bytes already
+ * unpacked successfully (anything unparsable ends the scan with 0). rpc_bb_unpack calls it. */
+CM_API int rpc_wire_check_strings(const void *data, size_t len,
+                                  const ProtobufCMessageDescriptor *type);
 
 /* ---- server ------------------------------------------------------------------------------------
  */
