@@ -4,7 +4,12 @@
  *   decode at T = 128K .. 4M:  (a) HiP, mask reused       = cuda_hip_bsa
  *                              (b) HiP, full mask refresh = cuda_hip_mask_estimate + cuda_hip_bsa
  *                              (c) dense                  = cuda_attn_dense
- *   prefill of one 32K chunk at 1M context: HiP (estimate + BSA) vs dense (1-3 reps);
+ *                              (d) (a) and (c) with IHIP_ATTN_DECODE=v1 (first decode kernels),
+ *                                  (c) with IHIP_ATTN_DECODE=v3 (v2 at 4 blocks per SM)
+ *   prefill of one 32K chunk at 1M context: HiP (estimate + BSA) vs dense (1-3 reps); BSA
+ *   alone with the tensor-core and the fp32 prefill kernels; dense with the tensor-core kernel
+ *   (the fp32 dense one takes ~26 s: only with --prefill-fp32). The kernel is chosen through
+ *   IHIP_ATTN_PREFILL (mma / fp32), which this program sets itself;
  *   machine ceilings: device-to-device cudaMemcpy bandwidth (read + write) and a cuBLAS bf16
  *   GEMM 8192^3.
  * Timing: cudaEvent around each call, warm-up, median of --reps. Inputs: random (hash kernel).
@@ -12,7 +17,7 @@
  * divided by the median time.
  *
  *   attention_gpu [--sizes 128K,256K,512K,1M,2M,4M] [--reps 20] [--prefill-reps 1]
- *                 [--no-prefill] [--special] [--csv PATH]
+ *                 [--no-prefill] [--prefill-fp32] [--special] [--csv PATH]
  */
 #include "backend/cuda/cuda-hip.h"
 #include "backend/cuda/cuda.h"
@@ -206,18 +211,19 @@ int main(int argc, char **argv)
 {
     const char *sizes = "128K,256K,512K,1M,2M,4M", *csv = NULL;
     int reps = 20, prefill_reps = 1;
-    bool prefill = true, special = false;
+    bool prefill = true, special = false, prefill_fp32 = false;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--sizes") && i + 1 < argc) sizes = argv[++i];
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--prefill-reps") && i + 1 < argc) prefill_reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--csv") && i + 1 < argc) csv = argv[++i];
         else if (!strcmp(argv[i], "--no-prefill")) prefill = false;
+        else if (!strcmp(argv[i], "--prefill-fp32")) prefill_fp32 = true;
         else if (!strcmp(argv[i], "--special")) special = true;
         else {
             fprintf(stderr,
                     "usage: %s [--sizes 128K,256K,512K,1M,2M,4M] [--reps N] [--prefill-reps N] "
-                    "[--no-prefill] [--special] [--csv PATH]\n",
+                    "[--no-prefill] [--prefill-fp32] [--special] [--csv PATH]\n",
                     argv[0]);
             return 2;
         }
@@ -368,6 +374,21 @@ int main(int argc, char **argv)
         add_row("hip estimate+bsa (refresh)", T, 1, dec[i][1], 0, 0, reps, note);
         dec[i][2] = time_median(run_dense, &c, 3, reps);
         add_row("dense", T, 1, dec[i][2], (double)T * row_bytes, 0, reps, "");
+        /* the first decode kernels (IHIP_ATTN_DECODE=v1) and v3 for comparison in the same run;
+         * the rows above use the variable as given (unset = v2) */
+        const char *dv = getenv("IHIP_ATTN_DECODE");
+        char dv_saved[16];
+        snprintf(dv_saved, sizeof dv_saved, "%s", dv ? dv : "");
+        setenv("IHIP_ATTN_DECODE", "v1", 1);
+        double b1 = rc ? -1 : time_median(run_bsa, &c, 5, reps);
+        add_row("hip bsa (mask reused) v1", T, 1, b1, n_bsa * row_bytes, 0, reps, note);
+        double d1 = time_median(run_dense, &c, 3, reps);
+        add_row("dense v1", T, 1, d1, (double)T * row_bytes, 0, reps, "");
+        setenv("IHIP_ATTN_DECODE", "v3", 1);
+        double d3 = time_median(run_dense, &c, 3, reps);
+        add_row("dense v3", T, 1, d3, (double)T * row_bytes, 0, reps, "v2, 128 regs");
+        if (dv) setenv("IHIP_ATTN_DECODE", dv_saved, 1);
+        else unsetenv("IHIP_ATTN_DECODE");
     }
 
     /* ---- prefill ------------------------------------------------------------------------- */
@@ -383,17 +404,29 @@ int main(int argc, char **argv)
         double fl_dense = 4.0 * D * H * keys;
         long long per_q = lc.sink_token_size + lc.second_stage_k + lc.sliding_window_size + 64;
         double fl_bsa = 4.0 * D * H * (double)PF_N * (double)per_q;
+        setenv("IHIP_ATTN_PREFILL", "mma", 1);
         pf_hip = time_median(run_hip_full, &c, 1, 3);
         add_row("hip estimate+bsa prefill", PF_T, PF_N, pf_hip, 0, fl_bsa, 3, note);
-        /* warm the dense prefill kernel on a small chunk, then time the full one */
-        c.n_tok = 64;
-        c.pos0 = PF_T - 64;
-        if (run_dense(&c) == 0) CK(cudaDeviceSynchronize());
-        c.n_tok = PF_N;
-        c.pos0 = PF_T - PF_N;
-        pf_dense = time_median(run_dense, &c, 0, prefill_reps);
-        add_row("dense prefill", PF_T, PF_N, pf_dense, (double)PF_T * row_bytes, fl_dense,
-                prefill_reps, "fp32 FMA tiles");
+        /* BSA alone on the mask of the last estimate: tensor-core and fp32 kernels */
+        double pf_bsa = time_median(run_bsa, &c, 1, 5);
+        add_row("hip bsa prefill (mma)", PF_T, PF_N, pf_bsa, 0, fl_bsa, 5, "bf16 mma.sync tiles");
+        setenv("IHIP_ATTN_PREFILL", "fp32", 1);
+        double pf_bsa32 = time_median(run_bsa, &c, 1, 3);
+        add_row("hip bsa prefill (fp32)", PF_T, PF_N, pf_bsa32, 0, fl_bsa, 3, "fp32 FMA tiles");
+        /* dense: warm the kernel on a small chunk, then time the full one */
+        for (int v = 0; v < (prefill_fp32 ? 2 : 1); v++) {
+            setenv("IHIP_ATTN_PREFILL", v ? "fp32" : "mma", 1);
+            c.n_tok = 64;
+            c.pos0 = PF_T - 64;
+            if (run_dense(&c) == 0) CK(cudaDeviceSynchronize());
+            c.n_tok = PF_N;
+            c.pos0 = PF_T - PF_N;
+            double t = time_median(run_dense, &c, 0, prefill_reps);
+            add_row(v ? "dense prefill (fp32)" : "dense prefill (mma)", PF_T, PF_N, t,
+                    (double)PF_T * row_bytes, fl_dense, prefill_reps,
+                    v ? "fp32 FMA tiles" : "bf16 mma.sync tiles");
+            if (v == 0) pf_dense = t;
+        }
     }
 
     /* ---- summary -------------------------------------------------------------------------- */
@@ -406,7 +439,7 @@ int main(int argc, char **argv)
                dec[i][2], gbs, dec[i][0] > 0 ? dec[i][2] / dec[i][0] : 0.0);
     }
     if (prefill)
-        printf("prefill 32K @ 1M: hip %.2f ms, dense %.2f ms (x%.1f)\n", pf_hip, pf_dense,
+        printf("prefill 32K @ 1M: hip %.2f ms, dense (mma) %.2f ms (x%.1f)\n", pf_hip, pf_dense,
                pf_hip > 0 ? pf_dense / pf_hip : 0.0);
 
     cuda_hip_mask_free(&m);

@@ -512,6 +512,14 @@ static void bench(int64_t T, bool special, bool with_dense, cuda_hip_work *w)
         CK(cudaEventSynchronize(e1));
         if (it >= 0) CK(cudaEventElapsedTime(&ms[it], e0, e1));
     }
+    /* one more, with the per-launch profile (stderr) unless the caller profiles every call */
+    if (!getenv("IHIP_MASK_PROFILE")) {
+        setenv("IHIP_MASK_PROFILE", "1", 1);
+        fflush(stdout);
+        REQ(cuda_hip_mask_estimate(&ga, q_dev, T - 1, 1, 0, &gm, w, NULL) == 0, "profiled estimate");
+        fflush(stderr);
+        unsetenv("IHIP_MASK_PROFILE");
+    }
     qsort(ms, 20, sizeof(float), cmp_float);
     double dense_bytes = (double)T * Hkv * d * 2 * 2;
     printf("  decode estimate (full refresh), Llama-8B layer (32/8 heads, d 128, bf16), %s, T=%lld: "
@@ -608,13 +616,32 @@ int main(int argc, char **argv)
         if (quick && cases[i].T > 40000) continue;
         run_case(&cases[i], w, hw);
     }
+    /* the other scan kernels, still selectable (IHIP_MASK_SCAN=old: the first one; fast1: the
+     * fast one with 1 head per warp), on the small cases */
+    static const char *const variants[2] = {"old", "fast1"};
+    for (int v = 0; v < 2; v++) {
+        printf("  with IHIP_MASK_SCAN=%s:\n", variants[v]);
+        setenv("IHIP_MASK_SCAN", variants[v], 1);
+        for (int i = 0; i < n_cases; i++)
+            if (cases[i].T <= 40000) run_case(&cases[i], w, hw);
+    }
+    unsetenv("IHIP_MASK_SCAN");
     check_bad_args(w);
 
     if (do_bench) {
-        bench(131072, false, true, w);
-        if (!quick) {
-            bench(1048576, false, true, w);
-            bench(1048576, true, false, w);
+        /* the fast scan kernel (default), then the previous one; IHIP_MASK_PROFILE=1 adds the
+         * per-launch times of every estimate on stderr */
+        static const char *const kernels[3] = {NULL, "fast1", "old"};
+        for (int v = 0; v < 3; v++) {
+            if (kernels[v]) setenv("IHIP_MASK_SCAN", kernels[v], 1);
+            printf("  scan kernel: %s%s\n", kernels[v] ? "IHIP_MASK_SCAN=" : "default (fast, 2 heads per warp)",
+                   kernels[v] ? kernels[v] : "");
+            bench(131072, false, v == 0, w);
+            if (!quick) {
+                bench(1048576, false, v == 0, w);
+                bench(1048576, true, false, w);
+            }
+            unsetenv("IHIP_MASK_SCAN");
         }
     }
 

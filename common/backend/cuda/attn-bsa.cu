@@ -5,6 +5,7 @@
  * -> split-K over the list + log-sum-exp merge; several -> one tile row per query block.
  */
 #include "attn-kernels.cuh"
+#include "attn-prefill.cuh"
 
 extern "C" int cuda_hip_bsa(const cuda_hip_args *a, const float *q_dev, int64_t pos0,
                             int64_t n_tok, const cuda_hip_mask *m, float *out_dev,
@@ -42,6 +43,7 @@ extern "C" int cuda_hip_bsa(const cuda_hip_args *a, const float *q_dev, int64_t 
         int64_t n_max = n_sink + (int64_t)m->kb * a->block_size_k + (pos0 - w0 + 1);
         return ak_launch_decode<false>(P, n_max, w, st);
     }
+    if (ak_prefill_mode() == AK_PF_MMA) return ak_prefill_mma(&P, 0, st);
     int qt = ATTN_ROWS / P.G;
     int nsub = (int)((bq + qt - 1) / qt);
     long long nx = n_qblk * nsub;

@@ -4,6 +4,7 @@
  * query -> split-K flash-decoding + log-sum-exp merge; several -> FlashAttention-2-style tiles.
  */
 #include "attn-kernels.cuh"
+#include "attn-prefill.cuh"
 
 extern "C" int cuda_attn_dense(const cpu_attn_shape *s, const cuda_rope *rope,
                                const cuda_kv_view *kv, const float *q_dev, int64_t pos0,
@@ -22,6 +23,7 @@ extern "C" int cuda_attn_dense(const cpu_attn_shape *s, const cuda_rope *rope,
     if (n_tok == 1) {
         return ak_launch_decode<true>(P, pos0 + 1, w, st);
     }
+    if (ak_prefill_mode() == AK_PF_MMA) return ak_prefill_mma(&P, 1, st);
     int qt = ATTN_ROWS / P.G;
     long long nx = (n_tok + qt - 1) / qt;
     if (nx > 0x7fffffffLL) return -EINVAL;

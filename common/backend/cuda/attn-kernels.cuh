@@ -27,6 +27,7 @@
 #include <errno.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define ATTN_NW 4       /* warps per decode block */
@@ -224,12 +225,47 @@ static __host__ __device__ __forceinline__ bool ak_valid(const attn_params &P, i
 
 /* ---- decode: split-K over the key list ---------------------------------------------------------- */
 
-template <int D, int MAXG, bool DENSE>
-__global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
+/* Sum x[0..N) over the aligned group of 2*O lanes that holds the caller (every lane of the group
+ * ends with the same sums). Reduce-scatter then all-gather: each halving step exchanges half of
+ * the values, so N values over 16 lanes cost 2*(N/2 + N/4 + ...) shuffles instead of 4*N. */
+template <int NV, int N, int O>
+static __device__ __forceinline__ void ak_allsum(float (&x)[NV], int lane)
+{
+    if constexpr (O == 0) {
+        return;
+    } else if constexpr (N == 1) {
+        x[0] += __shfl_xor_sync(0xffffffffu, x[0], O);
+        ak_allsum<NV, 1, O / 2>(x, lane);
+    } else {
+        const bool up = (lane & O) != 0; /* keeps the upper half */
+#pragma unroll
+        for (int i = 0; i < N / 2; i++) {
+            float a = x[i], b = x[i + N / 2];
+            float send = up ? a : b;
+            x[i] = (up ? b : a) + __shfl_xor_sync(0xffffffffu, send, O);
+        }
+        ak_allsum<NV, N / 2, O / 2>(x, lane);
+#pragma unroll
+        for (int i = 0; i < N / 2; i++) {
+            float mine = x[i], other = __shfl_xor_sync(0xffffffffu, mine, O);
+            x[i] = up ? other : mine;
+            x[i + N / 2] = up ? mine : other;
+        }
+    }
+}
+
+/* V2 (default; IHIP_ATTN_DECODE=v1 selects the first version): scores reduced with ak_allsum,
+ * NORM keys rotated without shuffles, cos/sin tables stored so that the 16 lanes of a key read
+ * consecutive entries (no bank conflicts), the query angles computed once for all heads, and
+ * BSA splits made of one-step chunks (KPW * U keys per warp chunk, several times the blocks). */
+template <int D, int MAXG, bool DENSE, bool V2>
+static __device__ __forceinline__ void ak_decode_body(const attn_params &P)
 {
     constexpr int LPK = D / 8;        /* lanes per key */
     constexpr int KPW = 32 / LPK;     /* keys per warp step */
     constexpr int U = MAXG >= 8 ? 2 : 4; /* keys per lane group per step */
+    constexpr int CH = (V2 && !DENSE) ? KPW * U : ATTN_CHUNK; /* keys per warp chunk */
+    static_assert(CH % (KPW * U) == 0, "chunk must hold whole steps");
     extern __shared__ float4 ak_smem4[];
     float *smem = (float *)ak_smem4;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -253,22 +289,31 @@ __global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
     /* tables: dense only. lo table [64][half] float2, per-warp hi row [NW][half] float2 */
     float2 *tab_lo = (float2 *)smem;
     float2 *tab_hi = tab_lo + ATTN_CHUNK * half;
+    /* V2 stores frequency f at slot (f % PF) * (half / PF) + f / PF, PF = frequencies per lane */
+    int PF = 1;
+    if (V2) {
+        PF = P.rope_style == CPU_ROPE_NEOX ? 8 : 4;
+        if (half % PF) PF = 1;
+    }
+    const int hpf = half / (PF > 0 ? PF : 1);
     if (DENSE && P.inv_freq) {
         for (int i = threadIdx.x; i < ATTN_CHUNK * half; i += blockDim.x) {
             float c, s;
-            ak_cs(P.inv_freq[i % half], i / half, &c, &s);
-            tab_lo[i] = make_float2(c, s);
+            int f = i % half, r = i / half;
+            ak_cs(P.inv_freq[f], r, &c, &s);
+            tab_lo[r * half + (f % PF) * hpf + f / PF] = make_float2(c, s);
         }
         __syncthreads();
     }
 
     /* rotation layout of my 8 elements */
-    int fq[8];
+    int fq[8], ts[8];
     bool first[8];
 #pragma unroll
     for (int j = 0; j < 8; j++) {
         int partner;
         fq[j] = ak_freq(P, e0 + j, &first[j], &partner);
+        ts[j] = fq[j] < 0 ? 0 : (fq[j] % PF) * hpf + fq[j] / PF;
     }
     int h8 = half / 8;
     int src_lane = gi * LPK + (lg < h8 ? lg + h8 : (lg < 2 * h8 ? lg - h8 : lg));
@@ -276,23 +321,53 @@ __global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
 
     /* queries of the group, rotated at p and scaled */
     float q[MAXG][8];
-#pragma unroll
-    for (int hh = 0; hh < MAXG; hh++) {
-        int h = g * G + (hh < G ? hh : 0);
-        const float *qr = P.q + (size_t)h * D;
+    if (V2) { /* the angles of p once for all heads (NORM pairs share theirs) */
+        float cq[8], sq[8];
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            int e = e0 + j;
-            float x = qr[e];
-            bool f;
-            int partner;
-            int fi = ak_freq(P, e, &f, &partner);
-            if (fi >= 0) {
-                float c, s;
-                ak_cs(P.inv_freq[fi], p, &c, &s);
-                x = ak_rot(x, qr[partner], f, c, s);
+            cq[j] = 1.0f;
+            sq[j] = 0.0f;
+            if (fq[j] < 0) continue;
+            if (!neox && (j & 1)) {
+                cq[j] = cq[j - 1];
+                sq[j] = sq[j - 1];
+            } else {
+                ak_cs(P.inv_freq[fq[j]], p, &cq[j], &sq[j]);
             }
-            q[hh][j] = hh < G ? x * P.scale : 0.0f;
+        }
+#pragma unroll
+        for (int hh = 0; hh < MAXG; hh++) {
+            int h = g * G + (hh < G ? hh : 0);
+            const float *qr = P.q + (size_t)h * D;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                bool f;
+                int partner;
+                float x = qr[e0 + j];
+                if (ak_freq(P, e0 + j, &f, &partner) >= 0)
+                    x = ak_rot(x, qr[partner], f, cq[j], sq[j]);
+                q[hh][j] = hh < G ? x * P.scale : 0.0f;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int hh = 0; hh < MAXG; hh++) {
+            int h = g * G + (hh < G ? hh : 0);
+            const float *qr = P.q + (size_t)h * D;
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int e = e0 + j;
+                float x = qr[e];
+                bool f;
+                int partner;
+                int fi = ak_freq(P, e, &f, &partner);
+                if (fi >= 0) {
+                    float c, s;
+                    ak_cs(P.inv_freq[fi], p, &c, &s);
+                    x = ak_rot(x, qr[partner], f, c, s);
+                }
+                q[hh][j] = hh < G ? x * P.scale : 0.0f;
+            }
         }
     }
 
@@ -305,19 +380,19 @@ __global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
         for (int j = 0; j < 8; j++) acc[hh][j] = 0.0f;
     }
 
-    const long long c_first = lo / ATTN_CHUNK, c_end = (hi + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    const long long c_first = lo / CH, c_end = (hi + CH - 1) / CH;
     for (long long ch = c_first + warp; ch < c_end && lo < hi; ch += ATTN_NW) {
-        const long long cbase = ch * ATTN_CHUNK;
+        const long long cbase = ch * CH;
         if (DENSE && P.inv_freq) {
             __syncwarp();
             for (int i = lane; i < half; i += 32) {
                 float c, s;
                 ak_cs(P.inv_freq[i], cbase, &c, &s);
-                tab_hi[warp * half + i] = make_float2(c, s);
+                tab_hi[warp * half + (i % PF) * hpf + i / PF] = make_float2(c, s);
             }
             __syncwarp();
         }
-        for (int it = 0; it < ATTN_CHUNK; it += KPW * U) {
+        for (int it = 0; it < CH; it += KPW * U) {
             uint4 kr[U], vr[U];
             bool ok[U];
             long long vp[U];
@@ -345,10 +420,15 @@ __global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
                 ak_unpack(P, kr[u], P.k_scale, k);
                 if (P.inv_freq) {
                     float pk[8];
+                    if (V2 && !neox) { /* NORM partners are in the lane */
 #pragma unroll
-                    for (int j = 0; j < 8; j++) {
-                        float o = __shfl_sync(0xffffffffu, k[j], src_lane);
-                        pk[j] = neox ? o : k[j ^ 1];
+                        for (int j = 0; j < 8; j++) pk[j] = k[j ^ 1];
+                    } else {
+#pragma unroll
+                        for (int j = 0; j < 8; j++) {
+                            float o = __shfl_sync(0xffffffffu, k[j], src_lane);
+                            pk[j] = neox ? o : k[j ^ 1];
+                        }
                     }
                     float c = 1.0f, s = 0.0f;
 #pragma unroll
@@ -359,8 +439,8 @@ __global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
                             continue;
                         }
                         if (DENSE) {
-                            float2 a = tab_hi[warp * half + fq[j]];
-                            float2 b = tab_lo[(int)(vp[u] - cbase) * half + fq[j]];
+                            float2 a = tab_hi[warp * half + ts[j]];
+                            float2 b = tab_lo[(int)(vp[u] - cbase) * half + ts[j]];
                             c = a.x * b.x - a.y * b.y;
                             s = a.y * b.x + a.x * b.y;
                         } else {
@@ -374,11 +454,30 @@ __global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
                     float d = 0.0f;
 #pragma unroll
                     for (int j = 0; j < 8; j++) d = fmaf(q[hh][j], k[j], d);
+                    if (!V2) {
 #pragma unroll
-                    for (int o = LPK / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                    sc[u][hh] = ok[u] ? d : -INFINITY;
+                        for (int o = LPK / 2; o > 0; o >>= 1)
+                            d += __shfl_xor_sync(0xffffffffu, d, o);
+                    }
+                    sc[u][hh] = d;
                 }
             }
+            if (V2) {
+                float x[U * MAXG];
+#pragma unroll
+                for (int u = 0; u < U; u++)
+#pragma unroll
+                    for (int hh = 0; hh < MAXG; hh++) x[u * MAXG + hh] = sc[u][hh];
+                ak_allsum<U * MAXG, U * MAXG, LPK / 2>(x, lane);
+#pragma unroll
+                for (int u = 0; u < U; u++)
+#pragma unroll
+                    for (int hh = 0; hh < MAXG; hh++) sc[u][hh] = x[u * MAXG + hh];
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int hh = 0; hh < MAXG; hh++) sc[u][hh] = ok[u] ? sc[u][hh] : -INFINITY;
             float vv[U][8];
 #pragma unroll
             for (int u = 0; u < U; u++) ak_unpack(P, vr[u], P.v_scale, vv[u]);
@@ -459,6 +558,25 @@ __global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
         P.part_acc[r * D + e] = A;
         if (e == 0) P.part_ml[r] = make_float2(M, L);
     }
+}
+
+/* The kernels: MINB = 4 asks for 4 blocks per SM (<= 128 registers; v3). Without a minimum the
+ * attribute is left out (ptxas allocates differently when a minimum of 1 is given). */
+template <int D, int MAXG, bool DENSE, bool V2, int MINB>
+__global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
+{
+    ak_decode_body<D, MAXG, DENSE, V2>(P);
+}
+template <int D, int MAXG, bool DENSE, bool V2>
+__global__ void __launch_bounds__(ATTN_NW * 32, 4) ak_decode_kernel_mb4(attn_params P)
+{
+    ak_decode_body<D, MAXG, DENSE, V2>(P);
+}
+template <int D, int MAXG, bool DENSE, bool V2, int MINB>
+static constexpr auto ak_decode_fn(void)
+{
+    if constexpr (MINB == 4) return ak_decode_kernel_mb4<D, MAXG, DENSE, V2>;
+    else return ak_decode_kernel<D, MAXG, DENSE, V2, MINB>;
 }
 
 /* out[h][e] = sum_s acc_s e^{m_s - M} / sum_s l_s e^{m_s - M}; one block per head. */
@@ -750,20 +868,22 @@ static int ak_sm_count(void)
     return n > 0 ? n : 132;
 }
 
-/* Split n_keys over blocks (multiples of 64 keys, >= 256 per split) and get the scratch for the
- * partials. */
-static int ak_decode_split(attn_params *P, long long n_keys, int blocks_per_sm, cuda_hip_work *w)
+/* Split n_keys over blocks (multiples of `chunk` keys, >= ATTN_NW chunks per split) and get the
+ * scratch for the partials. */
+static int ak_decode_split(attn_params *P, long long n_keys, int blocks_per_sm, int chunk,
+                           bool whole_warps, cuda_hip_work *w)
 {
     if (n_keys < 1) n_keys = 1;
-    long long chunks = (n_keys + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    long long chunks = (n_keys + chunk - 1) / chunk;
     /* one full wave of resident blocks: every split has the same number of keys */
     long long want = ((long long)blocks_per_sm * ak_sm_count()) / P->hkv;
     if (want < 1) want = 1;
-    long long by_size = (n_keys + ATTN_NW * ATTN_CHUNK - 1) / (ATTN_NW * ATTN_CHUNK);
+    long long by_size = (n_keys + (long long)ATTN_NW * chunk - 1) / ((long long)ATTN_NW * chunk);
     long long ns = want < by_size ? want : by_size;
     if (ns < 1) ns = 1;
     long long cps = (chunks + ns - 1) / ns;
-    P->keys_per_split = cps * ATTN_CHUNK;
+    if (whole_warps) cps = (cps + ATTN_NW - 1) / ATTN_NW * ATTN_NW; /* every warp as busy */
+    P->keys_per_split = cps * chunk;
     P->n_split = (int)((n_keys + P->keys_per_split - 1) / P->keys_per_split);
     size_t rows = (size_t)P->H * (size_t)P->n_split;
     P->part_ml = (float2 *)cuda_hip_work_get(w, CUDA_SLOT_ATTN0, rows * sizeof(float2));
@@ -772,40 +892,85 @@ static int ak_decode_split(attn_params *P, long long n_keys, int blocks_per_sm, 
     return 0;
 }
 
-template <int D, int MAXG, bool DENSE>
+template <int D, int MAXG, bool DENSE, bool V2, int MINB>
 static int ak_launch_decode_t(attn_params &P, long long n_keys, cuda_hip_work *w, cudaStream_t st)
 {
+    const auto KFN = ak_decode_fn<D, MAXG, DENSE, V2, MINB>();
+    /* CH of the kernel: V2 BSA walks its short list in one-step chunks, ATTN_NW per split */
+    const int chunk = (V2 && !DENSE) ? (32 / (D / 8)) * (MAXG >= 8 ? 2 : 4) : ATTN_CHUNK;
     int half = P.inv_freq ? P.n_rot / 2 : 0;
     size_t tab = DENSE ? sizeof(float2) * (size_t)(ATTN_CHUNK + ATTN_NW) * half : 0;
     size_t mrg = sizeof(float) * ((size_t)ATTN_NW * MAXG * (2 + D));
     size_t smem = tab > mrg ? tab : mrg;
     if (smem > 48 * 1024)
-        CUDA_TRY(cudaFuncSetAttribute(ak_decode_kernel<D, MAXG, DENSE>,
+        CUDA_TRY(cudaFuncSetAttribute(KFN,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     int occ = 0;
-    CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, ak_decode_kernel<D, MAXG, DENSE>,
-                                                           ATTN_NW * 32, smem));
-    int rc = ak_decode_split(&P, n_keys, occ > 0 ? occ : 1, w);
+    if (V2) {
+        /* the occupancy query costs host time on every call (decode calls are µs): cache it per
+         * device as (smem << 16 | blocks); a stale entry only changes the split count */
+        static unsigned long long occ_cache[16];
+        int dev = 0;
+        CUDA_TRY(cudaGetDevice(&dev));
+        unsigned long long *ce = dev >= 0 && dev < 16 ? &occ_cache[dev] : NULL;
+        unsigned long long cv = ce ? __atomic_load_n(ce, __ATOMIC_RELAXED) : 0;
+        if (cv && (cv >> 16) == (unsigned long long)smem) {
+            occ = (int)(cv & 0xffffu);
+        } else {
+            CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                &occ, KFN, ATTN_NW * 32, smem));
+            if (ce && occ > 0 && occ < 0x10000)
+                __atomic_store_n(ce, ((unsigned long long)smem << 16) | (unsigned)occ,
+                                 __ATOMIC_RELAXED);
+        }
+    } else {
+        CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &occ, KFN, ATTN_NW * 32, smem));
+    }
+    int rc = ak_decode_split(&P, n_keys, occ > 0 ? occ : 1, chunk, V2 && !DENSE, w);
     if (rc) return rc;
     dim3 grid((unsigned)P.n_split, (unsigned)P.hkv);
-    ak_decode_kernel<D, MAXG, DENSE><<<grid, ATTN_NW * 32, smem, st>>>(P);
+    KFN<<<grid, ATTN_NW * 32, smem, st>>>(P);
     CUDA_TRY(cudaGetLastError());
     ak_merge_kernel<<<P.H, D, 0, st>>>(P.part_ml, P.part_acc, P.n_split, D, P.out);
     CUDA_TRY(cudaGetLastError());
     return 0;
 }
 
+/* MINB4: G <= 4 kernels compiled for 4 blocks per SM (<= 128 registers) */
+template <bool DENSE, bool V2, bool MINB4>
+static int ak_launch_decode_v(attn_params &P, long long n_keys, cuda_hip_work *w, cudaStream_t st)
+{
+    constexpr int MB = MINB4 ? 4 : 1;
+    if (P.d == 64) {
+        if (P.G == 1) return ak_launch_decode_t<64, 1, DENSE, V2, MB>(P, n_keys, w, st);
+        if (P.G <= 4) return ak_launch_decode_t<64, 4, DENSE, V2, MB>(P, n_keys, w, st);
+        return ak_launch_decode_t<64, 8, DENSE, V2, 1>(P, n_keys, w, st);
+    }
+    if (P.G == 1) return ak_launch_decode_t<128, 1, DENSE, V2, MB>(P, n_keys, w, st);
+    if (P.G <= 4) return ak_launch_decode_t<128, 4, DENSE, V2, MB>(P, n_keys, w, st);
+    return ak_launch_decode_t<128, 8, DENSE, V2, 1>(P, n_keys, w, st);
+}
+
+/* Decode kernel version from IHIP_ATTN_DECODE: "v1" the first kernels (for comparison), "v3"
+ * v2 with the dense G <= 4 kernels limited to 128 registers (4 blocks per SM instead of 3; BSA
+ * as v2), anything else v2. Read on every call so a benchmark or test can switch between calls. */
+static int ak_decode_version(void)
+{
+    const char *e = getenv("IHIP_ATTN_DECODE");
+    if (e && !strcmp(e, "v1")) return 1;
+    if (e && !strcmp(e, "v3")) return 3;
+    return 2;
+}
+
 template <bool DENSE>
 static int ak_launch_decode(attn_params &P, long long n_keys, cuda_hip_work *w, cudaStream_t st)
 {
-    if (P.d == 64) {
-        if (P.G == 1) return ak_launch_decode_t<64, 1, DENSE>(P, n_keys, w, st);
-        if (P.G <= 4) return ak_launch_decode_t<64, 4, DENSE>(P, n_keys, w, st);
-        return ak_launch_decode_t<64, 8, DENSE>(P, n_keys, w, st);
-    }
-    if (P.G == 1) return ak_launch_decode_t<128, 1, DENSE>(P, n_keys, w, st);
-    if (P.G <= 4) return ak_launch_decode_t<128, 4, DENSE>(P, n_keys, w, st);
-    return ak_launch_decode_t<128, 8, DENSE>(P, n_keys, w, st);
+    int v = ak_decode_version();
+    if (v == 1) return ak_launch_decode_v<DENSE, false, false>(P, n_keys, w, st);
+    if constexpr (DENSE)
+        if (v == 3) return ak_launch_decode_v<DENSE, true, true>(P, n_keys, w, st);
+    return ak_launch_decode_v<DENSE, true, false>(P, n_keys, w, st);
 }
 
 template <int D, bool DENSE>

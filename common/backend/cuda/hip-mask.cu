@@ -9,7 +9,10 @@
  *   scan   grid (chunks, n_qblk), 8 warps: one warp descends one head at a time (heads strided
  *          over the warps), both probe keys of a pass loaded with 16-byte loads into shared
  *          memory, rotated there, dotted by two half-warps; the head reduction (max, first
- *          head wins ties) then writes score[b][c] and rep[b][c] (§2.5, §2.6);
+ *          head wins ties) then writes score[b][c] and rep[b][c] (§2.5, §2.6); scan_fast_kernel
+ *          (default where it applies: d 64 / 128, pruning positions constant per CTA) does the
+ *          same with the keys in registers, one DRAM round trip per pass (IHIP_MASK_SCAN=old
+ *          forces scan_kernel);
  *   select grid (n_qblk), 1024 threads: exact top-k by a radix select over the 64-bit key
  *          (descending score, ascending chunk index), then a bitonic sort of the realigned
  *          starts in shared memory and either the split into the next stage's candidates
@@ -31,6 +34,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MASK_SCORE_INIT (-32000.0f) /* = HIP_SCORE_INIT of hip-mask.c */
@@ -401,6 +405,221 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32)
     }
 }
 
+/* ---- scan, fast path (d 64 or 128; no RoPE, or the relative / chunk pruning positions) ------- */
+
+/* The same descent and head reduction as scan_kernel, same float operations in the same order,
+ * organized for latency: lane j of half-warp `side` holds elements j, j+16, ... of its probe key
+ * (side 0: left, 1: right) in registers, loaded with 2-byte (bf16) or 1-byte (fp8) coalesced
+ * loads, rotated in registers (the NORM pair partner is one shuffle away, the NEOX partner is in
+ * the same lane) with cos/sin put in shared memory once per CTA (the pruning position is
+ * constant per side in the relative mode and per chunk in the chunk mode), dotted in hip_dot's
+ * lane order. Both halves run the same instructions, so the two probe loads of a pass are in
+ * flight together (the divergent per-side branches of scan_kernel serialize them), and a pass
+ * needs no shared-memory store or warp barrier. 48 registers (5 CTAs per SM). M = head_dim / 16. */
+template <int M, int NH>
+static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
+    scan_fast_kernel(mask_stage_params p, mask_rope rope, mask_kv kv)
+{
+    const int c = blockIdx.x, b = blockIdx.y;
+    const int64_t n = stage_count(p, b);
+    if ((int64_t)c >= n) return;
+    const int d = 16 * M, H = p.H;
+    extern __shared__ float4 smem4[];
+    int64_t *hrep = (int64_t *)smem4;
+    float *hbest = (float *)(hrep + H);
+    int *hany = (int *)(hbest + H);
+
+    int64_t L0, R0;
+    if (!p.L) {
+        L0 = p.n_sink + (int64_t)c * p.lc0;
+        R0 = min(L0 + p.lc0, p.T - p.sw);
+    } else {
+        L0 = p.L[(size_t)b * p.ub + c];
+        R0 = p.R[(size_t)b * p.ub + c];
+    }
+    const int64_t p0 = p.pos0 + (int64_t)b * p.bq;
+    const int64_t thr = max((int64_t)0, p0 - p.sw);
+    const int nq = (int)min((int64_t)p.bq, p.n_tok - (int64_t)b * p.bq);
+    const int nrow = (nq + p.stride - 1) / p.stride;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int sub = lane & 15, side = lane >> 4;
+    const bool neox = rope.style == CPU_ROPE_NEOX;
+
+    /* cos/sin of this lane's pairs at its side's pruning position */
+    __shared__ float2 cs_s[2][16 * M]; /* [side][element] */
+    {
+        for (int x = threadIdx.x; x < 2 * 16 * M; x += blockDim.x) {
+            const int sd = x / (16 * M), e = x % (16 * M);
+            const int64_t pos = p.relative ? (int64_t)sd : (int64_t)c;
+            int i = -1;
+            if (rope.on) {
+                if (neox) i = e < 8 * M ? e : -1; /* n_rot == d: pair (e, e + d/2) */
+                else if (e < rope.n_rot) i = e >> 1;
+            }
+            cs_s[sd][e] = i >= 0 ? rope_cs(rope, pos, i) : make_float2(1.0f, 0.0f);
+        }
+        __syncthreads();
+    }
+    const float2 *cs = cs_s[side] + sub; /* cs[16 * m]: this lane's element m */
+    const int n_fused = neox ? 0 : (rope.half / 4) * 4; /* pairs rotated by fmaddsub */
+
+    /* NH heads per warp in lockstep (h, h + 8, ...): their loads are in flight together */
+    for (int h0 = warp; h0 < H; h0 += MASK_SCAN_WARPS * NH) {
+        int64_t l[NH], r[NH];
+        float best[NH];
+        bool any[NH], alive[NH];
+#pragma unroll
+        for (int j = 0; j < NH; j++) {
+            l[j] = L0;
+            r[j] = R0;
+            best[j] = MASK_SCORE_INIT;
+            any[j] = false;
+            alive[j] = h0 + j * MASK_SCAN_WARPS < H;
+        }
+        int n_pass = 1;
+        while (((int64_t)1 << (n_pass - 1)) < R0 - L0) n_pass++;
+        for (int it = 0; it < n_pass; it++) {
+            bool some = false;
+#pragma unroll
+            for (int j = 0; j < NH; j++) {
+                if (!(l[j] <= thr && l[j] < r[j] && l[j] >= 0)) alive[j] = false; /* = break */
+                some |= alive[j];
+            }
+            if (!some) break;
+            int64_t mid[NH];
+            bool hl[NH], hr[NH], have[NH];
+            float v[NH][M];
+            size_t off[NH];
+#pragma unroll
+            for (int j = 0; j < NH; j++) {
+                mid[j] = (l[j] + r[j]) / 2;
+                const int64_t pl = (l[j] + mid[j]) / 2, pr = (mid[j] + r[j]) / 2;
+                hl[j] = alive[j] && pl < p.T;
+                hr[j] = alive[j] && pr < p.T;
+                have[j] = side ? hr[j] : hl[j];
+                /* branch-free: a key that is not probed loads token 0 (valid) and is zeroed */
+                const int64_t t = have[j] ? (side ? pr : pl) : 0;
+                const int g = min(h0 + j * MASK_SCAN_WARPS, H - 1) / p.G;
+                off[j] = ((size_t)kv_slot(kv, t) * (size_t)p.Hkv + (size_t)g) * (size_t)d + (size_t)sub;
+            }
+            if (kv.dtype == CUDA_KV_BF16) {
+                uint32_t raw[NH][M];
+#pragma unroll
+                for (int j = 0; j < NH; j++)
+#pragma unroll
+                    for (int m = 0; m < M; m++) raw[j][m] = ((const uint16_t *)kv.k)[off[j] + 16 * m];
+#pragma unroll
+                for (int j = 0; j < NH; j++)
+#pragma unroll
+                    for (int m = 0; m < M; m++) v[j][m] = have[j] ? bf16_to_f(raw[j][m]) : 0.0f;
+            } else {
+                uint32_t raw[NH][M];
+#pragma unroll
+                for (int j = 0; j < NH; j++)
+#pragma unroll
+                    for (int m = 0; m < M; m++) raw[j][m] = ((const uint8_t *)kv.k)[off[j] + 16 * m];
+#pragma unroll
+                for (int j = 0; j < NH; j++)
+#pragma unroll
+                    for (int m = 0; m < M; m++)
+                        v[j][m] = have[j] ? __fmul_rn(fp8_to_f(raw[j][m]), kv.k_scale) : 0.0f;
+            }
+            if (rope.on) {
+#pragma unroll
+                for (int j = 0; j < NH; j++) {
+                    if (neox) {
+#pragma unroll
+                        for (int m = 0; m < M / 2; m++) {
+                            const float x = v[j][m], y = v[j][m + M / 2], co = cs[16 * m].x, si = cs[16 * m].y;
+                            v[j][m] = __fsub_rn(__fmul_rn(x, co), __fmul_rn(y, si));
+                            v[j][m + M / 2] = __fadd_rn(__fmul_rn(x, si), __fmul_rn(y, co));
+                        }
+                    } else {
+#pragma unroll
+                        for (int m = 0; m < M; m++) {
+                            const int e = sub + 16 * m;
+                            const float u = __shfl_xor_sync(0xffffffffu, v[j][m], 1); /* pair partner */
+                            if (e < rope.n_rot) {
+                                const float co = cs[16 * m].x, si = cs[16 * m].y;
+                                const bool fused = (e >> 1) < n_fused;
+                                if ((e & 1) == 0) /* a' = a c - b s */
+                                    v[j][m] = fused ? __fmaf_rn(v[j][m], co, -__fmul_rn(u, si))
+                                                    : __fsub_rn(__fmul_rn(v[j][m], co), __fmul_rn(u, si));
+                                else /* b' = a s + b c */
+                                    v[j][m] = fused ? __fmaf_rn(v[j][m], co, __fmul_rn(u, si))
+                                                    : __fadd_rn(__fmul_rn(u, si), __fmul_rn(v[j][m], co));
+                            }
+                        }
+                    }
+                }
+            }
+            float mine[NH];
+#pragma unroll
+            for (int j = 0; j < NH; j++) mine[j] = -FLT_MAX;
+            for (int rr = 0; rr < nrow; rr++) {
+#pragma unroll
+                for (int j = 0; j < NH; j++) {
+                    const int hj = min(h0 + j * MASK_SCAN_WARPS, H - 1);
+                    const float *__restrict__ row =
+                        p.rows + (((size_t)b * H + hj) * p.rmax + rr) * (size_t)d + sub;
+                    float acc = 0.0f;
+#pragma unroll
+                    for (int m = 0; m < M; m++) acc = __fmaf_rn(row[16 * m], v[j][m], acc);
+                    acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 8, 16));
+                    acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4, 16));
+                    acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 2, 16));
+                    acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 1, 16));
+                    if (p.score_bf16) acc = round_bf16_d(acc);
+                    if (acc > mine[j]) mine[j] = acc;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < NH; j++) {
+                float sl = __shfl_sync(0xffffffffu, mine[j], 0), sr = __shfl_sync(0xffffffffu, mine[j], 16);
+                if (!alive[j]) continue;
+                if (!hl[j]) sl = -INFINITY;
+                if (!hr[j]) sr = -INFINITY;
+                float win;
+                if (sl > sr) {
+                    r[j] = mid[j];
+                    win = sl;
+                } else {
+                    l[j] = mid[j];
+                    win = sr;
+                }
+                if (!any[j] || win > best[j]) best[j] = win;
+                any[j] = true;
+            }
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int j = 0; j < NH; j++) {
+                const int h = h0 + j * MASK_SCAN_WARPS;
+                if (h < H) {
+                    hrep[h] = l[j];
+                    hbest[h] = best[j];
+                    hany[h] = any[j];
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float cbest = MASK_SCORE_INIT;
+        int64_t crep = L0;
+        bool have = false;
+        for (int h = 0; h < H; h++) {
+            if (hany[h] && (!have || hbest[h] > cbest)) {
+                cbest = hbest[h];
+                crep = hrep[h];
+                have = true;
+            }
+        }
+        p.score[(size_t)b * p.ub + c] = cbest;
+        p.rep[(size_t)b * p.ub + c] = crep;
+    }
+}
+
 /* ---- select: exact top-k, realign, sort, split / final lists (§2.7, §2.8) -------------------- */
 
 struct mask_select_params {
@@ -714,6 +933,59 @@ int cuda_hip_mask_upload(cuda_hip_mask *m, const hip_mask *in, void *stream)
     return 0;
 }
 
+/* Optional per-launch timing (env IHIP_MASK_PROFILE=1): cudaEvents after every launch of one
+ * estimate, synchronized and printed to stderr at its end (this synchronizes the stream: for
+ * measurements only). Marks: start, rope table, then prep / scan / select per stage. */
+#define MASK_PROF_MAX (2 + 3 * HIP_MAX_STAGES)
+typedef struct mask_prof {
+    int on, n;
+    cudaEvent_t ev[MASK_PROF_MAX];
+} mask_prof;
+
+static void prof_mark(mask_prof *pf, cudaStream_t st)
+{
+    if (!pf->on || pf->n >= MASK_PROF_MAX) return;
+    if (cudaEventCreate(&pf->ev[pf->n]) != cudaSuccess) {
+        pf->on = 0;
+        return;
+    }
+    cudaEventRecord(pf->ev[pf->n], st);
+    pf->n++;
+}
+
+static void prof_begin(mask_prof *pf, cudaStream_t st)
+{
+    const char *e = getenv("IHIP_MASK_PROFILE");
+    pf->on = e && e[0] && strcmp(e, "0") != 0;
+    pf->n = 0;
+    prof_mark(pf, st);
+}
+
+static void prof_report(mask_prof *pf, int64_t T, int64_t n_qblk, int first_stage, int S,
+                        const int64_t *ub, int fast)
+{
+    if (cudaEventSynchronize(pf->ev[pf->n - 1]) != cudaSuccess) return;
+    float ms;
+    char line[512];
+    int len = snprintf(line, sizeof(line), "mask profile T=%lld n_qblk=%lld scan=%s:", (long long)T,
+                       (long long)n_qblk, fast == 2 ? "fast" : fast == 1 ? "fast1" : "old");
+    int k = 1;
+    if (k < pf->n && cudaEventElapsedTime(&ms, pf->ev[0], pf->ev[k]) == cudaSuccess)
+        len += snprintf(line + len, sizeof(line) - (size_t)len, " rope_tab %.1f", ms * 1000.0f);
+    static const char *name[3] = {"prep", "scan", "select"};
+    for (int s = first_stage; s < S && len < (int)sizeof(line) - 64; s++) {
+        len += snprintf(line + len, sizeof(line) - (size_t)len, " | s%d (%lld cand)", s, (long long)ub[s]);
+        for (int j = 0; j < 3; j++, k++)
+            if (k + 1 < pf->n && cudaEventElapsedTime(&ms, pf->ev[k], pf->ev[k + 1]) == cudaSuccess)
+                len += snprintf(line + len, sizeof(line) - (size_t)len, " %s %.1f", name[j], ms * 1000.0f);
+    }
+    if (cudaEventElapsedTime(&ms, pf->ev[0], pf->ev[pf->n - 1]) == cudaSuccess)
+        snprintf(line + len, sizeof(line) - (size_t)len, " | total %.1f us", ms * 1000.0f);
+    fprintf(stderr, "%s\n", line);
+    for (int i = 0; i < pf->n; i++) cudaEventDestroy(pf->ev[i]);
+    pf->n = 0;
+}
+
 static int next_pow2(int64_t x)
 {
     int p = 1;
@@ -776,6 +1048,19 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
     int64_t *rep = (int64_t *)cuda_hip_work_get(w, SLOT_REP, sizeof(int64_t) * (size_t)n_qblk * (size_t)max_ub);
     if (!rows || !score || !rep) return -ENOMEM;
 
+    /* scan kernel: the fast one where it applies (2 heads per warp in lockstep), unless
+     * IHIP_MASK_SCAN=old (scan_kernel) or IHIP_MASK_SCAN=fast1 (1 head per warp) */
+    int fast = 0, nh = 2;
+    {
+        const char *e = getenv("IHIP_MASK_SCAN");
+        const bool want_old = e && strcmp(e, "old") == 0;
+        if (e && strcmp(e, "fast1") == 0) nh = 1;
+        const bool rope_ok = !cr || (a->using_extend && (cr->style != CPU_ROPE_NEOX || cr->n_rot == d));
+        if (!want_old && rope_ok && (d == 64 || d == 128)) fast = d / 16;
+    }
+    mask_prof prof;
+    prof_begin(&prof, st);
+
     mask_rope rope;
     memset(&rope, 0, sizeof(rope));
     if (cr) {
@@ -799,6 +1084,7 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
         int rc = mask_fail_launch("rope_tab_kernel");
         if (rc) return rc;
     }
+    prof_mark(&prof, st);
 
     mask_kv mkv;
     mkv.k = kv->k_dev;
@@ -840,13 +1126,27 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
         prep_kernel<<<dim3((unsigned)n_qblk, (unsigned)H), 128, 0, st>>>(p, rope, q_dev);
         int rc = mask_fail_launch("prep_kernel");
         if (rc) return rc;
+        prof_mark(&prof, st);
         if (ub[s] > 0) {
             if (ub[s] > INT32_MAX) return -EINVAL;
-            size_t smem = 16 * (size_t)H + sizeof(float) * 2 * (size_t)d * MASK_SCAN_WARPS;
-            scan_kernel<<<dim3((unsigned)ub[s], (unsigned)n_qblk), MASK_SCAN_WARPS * 32, smem, st>>>(p, rope, mkv);
+            const dim3 grid((unsigned)ub[s], (unsigned)n_qblk);
+            const size_t fsm = 16 * (size_t)H;
+            if (fast == 8 && nh == 2) {
+                scan_fast_kernel<8, 2><<<grid, MASK_SCAN_WARPS * 32, fsm, st>>>(p, rope, mkv);
+            } else if (fast == 8) {
+                scan_fast_kernel<8, 1><<<grid, MASK_SCAN_WARPS * 32, fsm, st>>>(p, rope, mkv);
+            } else if (fast == 4 && nh == 2) {
+                scan_fast_kernel<4, 2><<<grid, MASK_SCAN_WARPS * 32, fsm, st>>>(p, rope, mkv);
+            } else if (fast == 4) {
+                scan_fast_kernel<4, 1><<<grid, MASK_SCAN_WARPS * 32, fsm, st>>>(p, rope, mkv);
+            } else {
+                size_t smem = 16 * (size_t)H + sizeof(float) * 2 * (size_t)d * MASK_SCAN_WARPS;
+                scan_kernel<<<grid, MASK_SCAN_WARPS * 32, smem, st>>>(p, rope, mkv);
+            }
             rc = mask_fail_launch("scan_kernel");
             if (rc) return rc;
         }
+        prof_mark(&prof, st);
 
         mask_select_params sp;
         memset(&sp, 0, sizeof(sp));
@@ -892,8 +1192,10 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
         select_kernel<<<(unsigned)n_qblk, MASK_SELECT_THREADS, smem, st>>>(sp);
         rc = mask_fail_launch("select_kernel");
         if (rc) return rc;
+        prof_mark(&prof, st);
     }
     m->n_qblk = (int)n_qblk;
     m->pos0 = pos0;
+    if (prof.on) prof_report(&prof, T, n_qblk, first_stage, S, ub, fast ? nh : 0);
     return 0;
 }
