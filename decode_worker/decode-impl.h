@@ -10,7 +10,10 @@
  *   decode-generate.c  Generate: validation and admission (RPC thread), the per-request
  *                      prefill thread (prefill-worker choice, Prefill call, lease, paging),
  *                      and the scheduler thread that owns every active sequence and advances
- *                      each by one decode step per round (continuous batching).
+ *                      each by one decode step per round (continuous batching; the steps
+ *                      of a round go through one batched forward);
+ *   decode-retain.c    finished sequences' K/V written back to the store and kept (leased)
+ *                      as prefixes for follow-up prompts, released under pressure / by age.
  *
  * Threads: RPC threads run handlers (never block); one short-lived "prefill" thread per
  * admitted request (blocking client call to a prefill worker, then loading the blocks); one
@@ -61,6 +64,11 @@ typedef struct decode_config {
     int64_t grace_ms;           /* shutdown grace for in-flight streams */
     int64_t prefill_logits;     /* 1: ask Prefill for the last logits; 0: decode the last
                                    prompt token here instead */
+    const char *decode_batch;   /* "exact", "fast" or "off": how a round's steps are batched
+                                   (mdl_decode_batch exact / fast mode, or one mdl_decode each) */
+    const char *kv_retain;      /* "finished" or "none": keep finished sequences' K/V */
+    int64_t kv_retain_max_seqs; /* retained sequences at most (oldest released first) */
+    int64_t kv_retain_ms;       /* a retained sequence is released after this long unused */
     bool verbose;
 } decode_config;
 
@@ -76,6 +84,8 @@ typedef struct decode_global {
     hip_config hip_default; /* --hip-preset + --hip-config applied */
     char *hip_config_text;  /* --hip-config's JSON text (file read), forwarded to prefill */
     bool hip_on;            /* --attention hip */
+    int batch_mode;         /* enum decode_batch_mode (--decode-batch) */
+    bool retain_on;         /* --kv-retain finished */
     int n_prefill;
     char *prefill_addr[DECODE_MAX_PREFILL];
     uint64_t t_start;
@@ -91,7 +101,10 @@ typedef struct decode_global {
     /* counters */
     uint64_t n_completed, n_cancelled, n_failed, n_rejected, n_tokens, n_stalls, n_rounds;
     uint64_t n_prefill_unavailable;
+    uint64_t n_batched_steps; /* decode steps that went through mdl_decode_batch (n ≥ 2) */
 } decode_global;
+
+enum decode_batch_mode { DECODE_BATCH_OFF = 0, DECODE_BATCH_EXACT = 1, DECODE_BATCH_FAST = 2 };
 
 extern decode_global decode_g;
 
@@ -106,6 +119,34 @@ int decode_sched_start(cm_err *err);
 void decode_sched_stop(void);
 /* Active sequences in the scheduler (for stats). */
 int decode_sched_active(void);
+
+/* decode-retain.c: finished sequences' K/V kept in the store as prefixes for follow-ups */
+typedef struct decode_retain_stats {
+    uint64_t n_retained;      /* held now */
+    uint64_t n_published;     /* sequences written back (prompt + generated blocks) */
+    uint64_t n_reused_prompt; /* retained as the prompt's own sequence (no new full block) */
+    uint64_t n_released_pressure, n_released_ttl, n_released_cap, n_released_superseded;
+    uint64_t n_failed;        /* write-back failed (store full, ...): nothing retained */
+    uint64_t tokens_written;  /* token rows written back (generated, and the prompt's
+                                 partial last block) */
+    uint64_t write_us;        /* time spent writing them (scheduler thread) */
+} decode_retain_stats;
+/* After a sequence finished: keep its tokens ids[0..ctx->n_past) in the store — a new sequence
+ * adopting the full token blocks of the leased prompt sequence `prompt` plus the context's
+ * rows of the following full token blocks, published and leased by this process — so that a
+ * later prompt extending it reuses it as a prefix. Best effort: failures are logged and
+ * counted, never reported to the client. Called with no lock held. */
+void decode_retain_add(const kvstore_lease *prompt, const mdl_ctx *ctx, const int32_t *ids,
+                       const char *request_id);
+/* Before asking for a prefill of tokens[0..n) needing `need_blocks` free blocks: mark the
+ * retained sequences that share a full block with it as used now, then release retained
+ * sequences, least recently used first, until that many blocks are free (or none is left). */
+void decode_retain_make_room(const int32_t *tokens, int64_t n, uint64_t need_blocks);
+/* Release retained sequences unused for longer than --kv-retain-ms. */
+void decode_retain_expire(void);
+/* Release every retained sequence (shutdown). */
+void decode_retain_clear(void);
+void decode_retain_get_stats(decode_retain_stats *out);
 
 /* decode-main.c */
 /* KV bytes of a context of n_ctx tokens (K and V of every layer). */

@@ -79,6 +79,14 @@ static cfg_entry cfg_table[] = {
     {"--grace-ms", CFG_INT, &C.grace_ms, "500", 0, 60000, "shutdown grace for streams"},
     {"--prefill-logits", CFG_INT, &C.prefill_logits, "1", 0, 1,
      "1: the first token's logits come from Prefill; 0: decode the last prompt token here"},
+    {"--decode-batch", CFG_STR, &C.decode_batch, "exact", 0, 0,
+     "exact, fast or off: decode a round's sequences through batched matmuls"},
+    {"--kv-retain", CFG_STR, &C.kv_retain, "finished", 0, 0,
+     "finished or none: keep finished sequences' K/V in the store as prefixes"},
+    {"--kv-retain-max-seqs", CFG_INT, &C.kv_retain_max_seqs, "16", 1, 4096,
+     "retained sequences at most"},
+    {"--kv-retain-ms", CFG_INT, &C.kv_retain_ms, "600000", 0, INT64_MAX,
+     "release a retained sequence after this long unused"},
     {"--verbose", CFG_BOOL, &C.verbose, "0", 0, 1, "debug logging"},
 };
 #undef C
@@ -289,6 +297,29 @@ static int setup_attention(cm_err *err)
                : 0;
 }
 
+/* --decode-batch and --kv-retain */
+static int setup_engine_options(cm_err *err)
+{
+    decode_config *c = &decode_g.cfg;
+    if (!strcmp(c->decode_batch, "exact"))
+        decode_g.batch_mode = DECODE_BATCH_EXACT;
+    else if (!strcmp(c->decode_batch, "fast"))
+        decode_g.batch_mode = DECODE_BATCH_FAST;
+    else if (!strcmp(c->decode_batch, "off"))
+        decode_g.batch_mode = DECODE_BATCH_OFF;
+    else
+        return cm_err_set(err, -EINVAL, "--decode-batch must be exact, fast or off, got '%s'",
+                          c->decode_batch);
+    if (!strcmp(c->kv_retain, "finished"))
+        decode_g.retain_on = true;
+    else if (!strcmp(c->kv_retain, "none"))
+        decode_g.retain_on = false;
+    else
+        return cm_err_set(err, -EINVAL, "--kv-retain must be finished or none, got '%s'",
+                          c->kv_retain);
+    return 0;
+}
+
 static int parse_prefill_list(cm_err *err)
 {
     const char *s = decode_g.cfg.prefill;
@@ -474,6 +505,8 @@ static void on_get_stats(rpc_call *c, const ProtobufCMessage *msg, void *user)
     cm_err e = {0};
     if (decode_g.kv) kvstore_get_stats(decode_g.kv, &ks, &e);
     int active = decode_sched_active();
+    decode_retain_stats rs;
+    decode_retain_get_stats(&rs);
     pthread_mutex_lock(&decode_g.mu);
     struct {
         const char *name;
@@ -484,6 +517,27 @@ static void on_get_stats(rpc_call *c, const ProtobufCMessage *msg, void *user)
         {"decode.kv_bytes_reserved", (double)decode_g.kv_bytes, false,
          "context bytes reserved by admitted sequences"},
         {"decode.rounds", (double)decode_g.n_rounds, true, "scheduler rounds"},
+        {"decode.batched_steps", (double)decode_g.n_batched_steps, true,
+         "decode steps computed in batches of 2 or more sequences"},
+        {"decode.kv_retained", (double)rs.n_retained, false,
+         "finished sequences whose K/V this worker keeps in the store"},
+        {"decode.kv_retain_published", (double)rs.n_published, true,
+         "finished sequences written back (prompt + generated blocks)"},
+        {"decode.kv_retain_prompt_only", (double)rs.n_reused_prompt, true,
+         "finished sequences retained as their prompt (no new full block)"},
+        {"decode.kv_retain_tokens_written", (double)rs.tokens_written, true,
+         "tokens whose K/V was written back (generated + the prompt's partial last block)"},
+        {"decode.kv_retain_write_us", (double)rs.write_us, true,
+         "microseconds the scheduler spent writing finished sequences back"},
+        {"decode.kv_retain_released_pressure", (double)rs.n_released_pressure, true,
+         "retained sequences released to make room for a prompt"},
+        {"decode.kv_retain_released_ttl", (double)rs.n_released_ttl, true,
+         "retained sequences released after --kv-retain-ms unused"},
+        {"decode.kv_retain_released_cap", (double)rs.n_released_cap, true,
+         "retained sequences released over --kv-retain-max-seqs"},
+        {"decode.kv_retain_released_superseded", (double)rs.n_released_superseded, true,
+         "retained sequences released because a longer one extends them"},
+        {"decode.kv_retain_failed", (double)rs.n_failed, true, "write-backs that failed"},
         {"decode.sequences_active", active, false, "sequences decoding in the scheduler"},
         {"decode.sequences_admitted", decode_g.n_admitted, false,
          "sequences admitted (prefilling or decoding)"},
@@ -589,8 +643,8 @@ int main(int argc, char **argv)
 
     int ret = 0;
     uint64_t t0 = cm_time_ns();
-    if ((rc = setup_model_and_store(&err)) < 0 || (rc = setup_attention(&err)) < 0 ||
-        (rc = decode_sched_start(&err)) < 0) {
+    if ((rc = setup_engine_options(&err)) < 0 || (rc = setup_model_and_store(&err)) < 0 ||
+        (rc = setup_attention(&err)) < 0 || (rc = decode_sched_start(&err)) < 0) {
         fprintf(stderr, "ihip-decode-worker: %s\n", err.msg);
         ret = 1;
         goto out;
@@ -616,6 +670,7 @@ out:
     /* Streams end with UNAVAILABLE from the scheduler and the prefill threads; the scheduler
      * exits once every sequence is gone (leases released). */
     decode_sched_stop();
+    if (decode_g.kv) decode_retain_clear();
     rpc_server_shutdown(decode_g.server, decode_g.cfg.grace_ms);
     rpc_server_free(decode_g.server);
     kvstore_close(decode_g.kv);

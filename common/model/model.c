@@ -370,3 +370,201 @@ int mdl_decode(mdl_ctx *c, int32_t token, float *logits, cm_err *err)
     if (logits) memcpy(logits, c->logits, sizeof(float) * (size_t)c->model->hp.n_vocab);
     return 0;
 }
+
+/* ---- batched decode across sequences --------------------------------------------------------- */
+/*
+ * The per-token work of a decode step is almost all weight matmuls; for n concurrent sequences
+ * they become one matmul of n tokens (the weight tile stays in cache while the n tokens stream
+ * past it), while attention, the only part that reads a sequence's own state, runs per sequence
+ * on its own context. Row i of every batch buffer is sequence i.
+ */
+struct mdl_batch {
+    const mdl_model *model;
+    int max_n;
+    cm_pool *pool;    /* the matmuls' threads */
+    float *x, *xn;    /* [max_n][n_embd] residual stream, normed / projected */
+    float *q, *ao;    /* [max_n][n_head*head_dim] queries, attention output */
+    float *k, *v;     /* [max_n][n_head_kv*head_dim] the step's keys and values */
+    float *gate, *up; /* [max_n][n_ff] */
+    float *logits;    /* [max_n][n_vocab] */
+    void *mm_scratch; /* cpu_matmul_scratch_size(widest input, max_n) */
+    int64_t *pos;     /* [max_n] position of each sequence's token */
+    bool exact;       /* matmuls in groups of ≤ MDL_EXACT_GROUP tokens (see model.h) */
+};
+
+/* Below 4 tokens cpu_matmul uses the single-token dot for every pair (bit-identical to decode). */
+#define MDL_EXACT_GROUP 3
+
+void mdl_batch_set_exact(mdl_batch *b, bool exact)
+{
+    b->exact = exact;
+}
+
+/* y[n][w->n_out] = W x[n][w->n_in], in exact or fast mode. */
+static void batch_matmul(mdl_batch *b, const cpu_weight *w, const float *x, int64_t n, float *y)
+{
+    int64_t g = b->exact ? MDL_EXACT_GROUP : n;
+    for (int64_t t = 0; t < n; t += g)
+        cpu_matmul(b->pool, w, x + t * w->n_in, CM_MIN(g, n - t), y + t * w->n_out, b->mm_scratch);
+}
+
+void mdl_batch_free(mdl_batch *b)
+{
+    if (!b) return;
+    cm_pool_free(b->pool);
+    cm_free_aligned(b->x);
+    cm_free_aligned(b->xn);
+    cm_free_aligned(b->q);
+    cm_free_aligned(b->ao);
+    cm_free_aligned(b->k);
+    cm_free_aligned(b->v);
+    cm_free_aligned(b->gate);
+    cm_free_aligned(b->up);
+    cm_free_aligned(b->logits);
+    cm_free_aligned(b->mm_scratch);
+    free(b->pos);
+    free(b);
+}
+
+mdl_batch *mdl_batch_init(const mdl_model *m, int max_seqs, int n_threads, cm_err *err)
+{
+    if (!m || max_seqs < 1 || max_seqs > 4096 || n_threads < 0 || n_threads > 1024) {
+        cm_err_set(err, -EINVAL, "batch: max_seqs %d (1..4096) or threads %d out of range",
+                   max_seqs, n_threads);
+        return NULL;
+    }
+    const mdl_hparams *hp = &m->hp;
+    mdl_batch *b = calloc(1, sizeof(*b));
+    if (!b) goto oom;
+    b->model = m;
+    b->max_n = max_seqs;
+    b->exact = true;
+    b->pool = cm_pool_init(n_threads > 0 ? n_threads : cm_num_cpus());
+    size_t n = (size_t)max_seqs;
+    int64_t qd = hp->n_head * hp->head_dim, kvd = hp->n_head_kv * hp->head_dim;
+    int64_t widest = CM_MAX(CM_MAX(hp->n_embd, qd), hp->n_ff);
+    b->x = cm_alloc_aligned(sizeof(float) * n * (size_t)hp->n_embd, 64);
+    b->xn = cm_alloc_aligned(sizeof(float) * n * (size_t)hp->n_embd, 64);
+    b->q = cm_alloc_aligned(sizeof(float) * n * (size_t)qd, 64);
+    b->ao = cm_alloc_aligned(sizeof(float) * n * (size_t)qd, 64);
+    b->k = cm_alloc_aligned(sizeof(float) * n * (size_t)kvd, 64);
+    b->v = cm_alloc_aligned(sizeof(float) * n * (size_t)kvd, 64);
+    b->gate = cm_alloc_aligned(sizeof(float) * n * (size_t)hp->n_ff, 64);
+    b->up = cm_alloc_aligned(sizeof(float) * n * (size_t)hp->n_ff, 64);
+    b->logits = cm_alloc_aligned(sizeof(float) * n * (size_t)hp->n_vocab, 64);
+    b->mm_scratch = cm_alloc_aligned(cpu_matmul_scratch_size(widest, (int64_t)n), 64);
+    b->pos = calloc(n, sizeof(int64_t));
+    if (!b->pool || !b->x || !b->xn || !b->q || !b->ao || !b->k || !b->v || !b->gate || !b->up ||
+        !b->logits || !b->mm_scratch || !b->pos)
+        goto oom;
+    return b;
+oom:
+    cm_err_set(err, -ENOMEM, "batch: out of memory for %d sequences", max_seqs);
+    mdl_batch_free(b);
+    return NULL;
+}
+
+struct batch_rows_job {
+    mdl_batch *b;
+    int64_t n;
+    const float *g;
+};
+
+static void batch_norm_rows(void *p, int ith, int nth)
+{
+    struct batch_rows_job *j = p;
+    int64_t E = j->b->model->hp.n_embd, lo, hi;
+    cm_split_range(j->n, ith, nth, &lo, &hi);
+    for (int64_t t = lo; t < hi; t++)
+        cpu_rms_norm(j->b->x + t * E, j->g, j->b->xn + t * E, E, j->b->model->hp.rms_eps);
+}
+
+static void batch_swiglu_rows(void *p, int ith, int nth)
+{
+    struct batch_rows_job *j = p;
+    int64_t F = j->b->model->hp.n_ff, lo, hi;
+    cm_split_range(j->n * F, ith, nth, &lo, &hi);
+    cpu_swiglu(j->b->gate + lo, j->b->up + lo, hi - lo);
+}
+
+int mdl_decode_batch(mdl_batch *b, mdl_ctx *const *ctxs, const int32_t *tokens, int n,
+                     float *const *logits, cm_err *err)
+{
+    if (!b || !ctxs || !tokens)
+        return cm_err_set(err, -EINVAL, "decode batch: NULL batch, contexts or tokens");
+    if (n < 1 || n > b->max_n)
+        return cm_err_set(err, -EINVAL, "decode batch: %d sequences (the batch holds 1..%d)", n,
+                          b->max_n);
+    const mdl_model *m = b->model;
+    const mdl_hparams *hp = &m->hp;
+    for (int i = 0; i < n; i++) {
+        if (!ctxs[i]) return cm_err_set(err, -EINVAL, "decode batch: context %d is NULL", i);
+        if (ctxs[i]->model != m)
+            return cm_err_set(err, -EINVAL,
+                              "decode batch: context %d belongs to another model than the batch",
+                              i);
+        for (int j = 0; j < i; j++)
+            if (ctxs[j] == ctxs[i])
+                return cm_err_set(err, -EINVAL, "decode batch: contexts %d and %d are the same", j,
+                                  i);
+        int rc = check_tokens(ctxs[i], &tokens[i], 1, err);
+        if (rc < 0) {
+            cm_err_prefix(err, "decode batch: sequence %d: ", i);
+            return rc;
+        }
+    }
+    int64_t E = hp->n_embd, qd = hp->n_head * hp->head_dim, kvd = hp->n_head_kv * hp->head_dim;
+    for (int i = 0; i < n; i++) {
+        b->pos[i] = ctxs[i]->n_past;
+        tn_dequant_row(m->tok_embd.type,
+                       (const char *)m->tok_embd.data + (size_t)tokens[i] * m->tok_embd.row_bytes,
+                       b->x + i * E, E);
+    }
+    struct batch_rows_job rj = {.b = b, .n = n};
+    for (int64_t il = 0; il < hp->n_layer; il++) {
+        const mdl_layer *L = &m->layers[il];
+        rj.g = L->attn_norm;
+        cm_pool_run(b->pool, batch_norm_rows, &rj);
+        batch_matmul(b, &L->wq, b->xn, n, b->q);
+        batch_matmul(b, &L->wk, b->xn, n, b->k);
+        batch_matmul(b, &L->wv, b->xn, n, b->v);
+        for (int i = 0; i < n; i++) {
+            mdl_ctx *c = ctxs[i];
+            cpu_kv_store(c->k_cache[il], c->v_cache[il], c->params.kv_type, c->kv_row_bytes,
+                         b->k + i * kvd, b->v + i * kvd, b->pos[i], 1, kvd);
+            /* Attention runs on the batch's pool when it has the context's thread count (same
+             * work split, so the same results): switching between pools would leave the idle
+             * pool's workers spinning on the cores the busy one needs. */
+            cm_pool *own = c->pool;
+            if (cm_pool_size(b->pool) == c->params.n_threads) c->pool = b->pool;
+            int rc = c->attn.attend(c->attn.self, c, (int)il, b->q + i * qd, b->pos[i], 1,
+                                    b->ao + i * qd);
+            c->pool = own;
+            if (rc < 0)
+                return cm_err_set(err, rc,
+                                  "decode batch: sequence %d: attention provider '%s' "
+                                  "failed in layer %lld",
+                                  i, c->attn.name, (long long)il);
+        }
+        batch_matmul(b, &L->wo, b->ao, n, b->xn);
+        add_into(b->x, b->xn, n * E);
+
+        rj.g = L->ffn_norm;
+        cm_pool_run(b->pool, batch_norm_rows, &rj);
+        batch_matmul(b, &L->w_gate, b->xn, n, b->gate);
+        batch_matmul(b, &L->w_up, b->xn, n, b->up);
+        cm_pool_run(b->pool, batch_swiglu_rows, &rj);
+        batch_matmul(b, &L->w_down, b->gate, n, b->xn);
+        add_into(b->x, b->xn, n * E);
+    }
+    for (int i = 0; i < n; i++)
+        cpu_rms_norm(b->x + i * E, m->output_norm, b->xn + i * E, E, hp->rms_eps);
+    batch_matmul(b, &m->output, b->xn, n, b->logits);
+    size_t lb = sizeof(float) * (size_t)hp->n_vocab;
+    for (int i = 0; i < n; i++) {
+        ctxs[i]->n_past++;
+        memcpy(ctxs[i]->logits, b->logits + (size_t)i * (size_t)hp->n_vocab, lb);
+        if (logits && logits[i]) memcpy(logits[i], ctxs[i]->logits, lb);
+    }
+    return 0;
+}

@@ -117,6 +117,43 @@ CM_API int mdl_prefill(mdl_ctx *c, const int32_t *tokens, int64_t n, float *logi
 /* One decode step: append one token, logits of it. Same errors. */
 CM_API int mdl_decode(mdl_ctx *c, int32_t token, float *logits, cm_err *err);
 
+/* ---- batched decode across sequences ---------------------------------------------------------
+ * One decode step for n independent sequences at once: their hidden states go through every
+ * weight matmul together (one cpu_matmul of n tokens, so each quantised weight is streamed once
+ * per step, not n times); attention runs per sequence with that context's own provider, cache
+ * and thread pool; each sequence gets its own logits. A batch holds the scratch of up to
+ * max_seqs tokens and the thread pool of the matmuls, allocated once by mdl_batch_init; a
+ * context whose n_threads equals the batch's also runs its attention on that pool during the
+ * call (its own pool's spinning workers would compete for the cores otherwise). */
+typedef struct mdl_batch mdl_batch;
+
+/* Scratch for batches of up to max_seqs (1..4096) sequences of model m, with a pool of n_threads
+ * (0 = number of CPUs) for the matmuls. m must outlive the batch. NULL with err filled.
+ * Free with mdl_batch_free. */
+CM_API mdl_batch *mdl_batch_init(const mdl_model *m, int max_seqs, int n_threads, cm_err *err);
+CM_API void mdl_batch_free(mdl_batch *b);
+/* Exact (default true) or fast mode, see mdl_decode_batch. */
+CM_API void mdl_batch_set_exact(mdl_batch *b, bool exact);
+
+/* Append tokens[i] to ctxs[i] (n distinct contexts, all of the batch's model) and compute its
+ * logits into ctxs[i]->logits (and logits[i] when logits and logits[i] are non-NULL).
+ * Exactness: cpu_matmul dots every (row, token) pair with tn_vec_dot below 4 tokens, but from 4
+ * tokens on uses the 4-token kernels (tn_vec_dot4) of Q4_1 / Q8_0 weights, which sum in another
+ * order. In exact mode (the default) the batch therefore goes through each matmul in groups of
+ * at most 3 tokens (each weight streamed ceil(n/3) times per step) and every sequence's logits
+ * are bit-identical to mdl_decode's, whatever else is in the batch. In fast mode
+ * (mdl_batch_set_exact false) all n tokens go through one matmul: one weight pass, logits equal
+ * to mdl_decode's up to float summation order (~1e-7 relative per dot, which the SmolLM2 Q4_1
+ * model amplifies to up to ~0.45 in the logits after one step, and which compounds along a
+ * sequence through its cache: greedy outputs then depend on what was batched with them).
+ * Errors (nothing is changed): -EINVAL (n outside 1..max_seqs, a NULL or repeated context, a
+ * context of another model, a bad token id), -CM_ELIMIT (a context is full). An attention
+ * provider failing mid-step fails the call and leaves every context of the batch with a partial
+ * step (n_past unchanged, but cache rows past n_past and provider state advanced for some
+ * layers): those sequences must be dropped (or mdl_ctx_reset). */
+CM_API int mdl_decode_batch(mdl_batch *b, mdl_ctx *const *ctxs, const int32_t *tokens, int n,
+                            float *const *logits, cm_err *err);
+
 /* Convenience for ctypes tests: pointer to the last logits and counts. */
 CM_API const float *mdl_ctx_logits(const mdl_ctx *c);
 CM_API int64_t mdl_ctx_n_past(const mdl_ctx *c);

@@ -154,7 +154,9 @@ class Stack:
         self.decode = Worker("ihip-decode-worker", [
             "--model", MODEL, "--prefill", f"127.0.0.1:{self.pport}", "--kv-dir", self.dir,
             "--kv-blocks", "512", "--threads", THREADS, "--ctx", "1024", "--max-seqs", "3",
-            "--max-prompt-tokens", "512", "--health-timeout-ms", "500", *extra])
+            "--max-prompt-tokens", "512", "--health-timeout-ms", "500",
+            # lease counts are checked here; retention is tested in test_decode_append.py
+            "--kv-retain", "none", *extra])
         return self.decode
 
     def kv(self, cmd):
