@@ -1117,11 +1117,11 @@ static void admit(rpc_call *c, const GenReq *r)
 {
     cm_err e = {0};
     pthread_mutex_lock(&decode_g.mu);
-    bool ready = decode_g.ready, stopping = decode_g.stopping;
+    bool ready = decode_g.ready, stopping = decode_g.stopping || decode_g.draining;
     pthread_mutex_unlock(&decode_g.mu);
     if (!ready || stopping) {
         rpc_call_fail(c, -ESHUTDOWN, "the decode worker is %s",
-                      stopping ? "shutting down" : "loading its model");
+                      stopping ? "shutting down (draining)" : "loading its model");
         return;
     }
     dseq *q = calloc(1, sizeof(*q));

@@ -62,6 +62,7 @@ typedef struct decode_config {
     int64_t retry_delay_ms;     /* retry-delay-ms of RESOURCE_EXHAUSTED */
     int64_t health_timeout_ms;  /* health Check of a prefill worker */
     int64_t grace_ms;           /* shutdown grace for in-flight streams */
+    int64_t drain_ms;           /* SIGTERM: refuse new calls, let running ones finish this long */
     int64_t prefill_logits;     /* 1: ask Prefill for the last logits; 0: decode the last
                                    prompt token here instead */
     const char *decode_batch;   /* "exact", "fast" or "off": how a round's steps are batched
@@ -94,6 +95,7 @@ typedef struct decode_global {
     pthread_cond_t cv;    /* scheduler wake-up */
     atomic_bool ready;    /* model loaded and store attached */
     atomic_bool stopping; /* shutdown began (read without the lock by the engine threads) */
+    atomic_bool draining; /* SIGTERM with --drain-ms: new calls refused, running ones finish */
     unsigned rr;          /* round-robin cursor over prefill_addr */
     int n_admitted;       /* sequences admitted and not yet freed */
     int64_t kv_bytes;     /* their reserved context bytes */

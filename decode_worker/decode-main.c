@@ -77,6 +77,9 @@ static cfg_entry cfg_table[] = {
     {"--health-timeout-ms", CFG_INT, &C.health_timeout_ms, "1000", 10, 60000,
      "timeout of a prefill worker's health Check"},
     {"--grace-ms", CFG_INT, &C.grace_ms, "500", 0, 60000, "shutdown grace for streams"},
+    {"--drain-ms", CFG_INT, &C.drain_ms, "0", 0, 3600000,
+     "on SIGTERM/SIGINT, refuse new calls and let running streams finish for up to this long "
+     "(a second signal stops at once)"},
     {"--prefill-logits", CFG_INT, &C.prefill_logits, "1", 0, 1,
      "1: the first token's logits come from Prefill; 0: decode the last prompt token here"},
     {"--decode-batch", CFG_STR, &C.decode_batch, "exact", 0, 0,
@@ -348,7 +351,7 @@ static int parse_prefill_list(cm_err *err)
 static bool check_ready(rpc_call *c)
 {
     pthread_mutex_lock(&decode_g.mu);
-    bool ok = decode_g.ready && !decode_g.stopping;
+    bool ok = decode_g.ready && !decode_g.stopping && !decode_g.draining;
     pthread_mutex_unlock(&decode_g.mu);
     if (!ok) rpc_call_fail(c, -ESHUTDOWN, "the decode worker is not serving (loading or draining)");
     return ok;
@@ -663,6 +666,30 @@ int main(int argc, char **argv)
         int sig = 0;
         if (sigwait(&set, &sig) != 0) continue;
         if (sig == SIGINT || sig == SIGTERM) break;
+    }
+    if (decode_g.cfg.drain_ms > 0) {
+        /* Drain: health NOT_SERVING and new calls refused, running ones go on until they end or
+         * the time is up; a second signal ends the wait. */
+        pthread_mutex_lock(&decode_g.mu);
+        decode_g.draining = true;
+        int left = decode_g.n_admitted;
+        pthread_mutex_unlock(&decode_g.mu);
+        set_health(false);
+        CM_LOG_INFO("decode: draining %d sequence(s) for up to %" PRId64 " ms", left,
+                    decode_g.cfg.drain_ms);
+        uint64_t end = cm_time_ns() + (uint64_t)decode_g.cfg.drain_ms * 1000000u;
+        struct timespec tick = {0, 50 * 1000 * 1000};
+        while (left > 0 && cm_time_ns() < end) {
+            int got = sigtimedwait(&set, NULL, &tick);
+            if (got == SIGINT || got == SIGTERM) {
+                CM_LOG_INFO("decode: second signal, stopping now");
+                break;
+            }
+            pthread_mutex_lock(&decode_g.mu);
+            left = decode_g.n_admitted;
+            pthread_mutex_unlock(&decode_g.mu);
+        }
+        CM_LOG_INFO("decode: drain ended with %d sequence(s) left", left);
     }
     CM_LOG_INFO("decode: shutting down");
 out:
