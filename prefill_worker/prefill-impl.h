@@ -39,6 +39,7 @@ typedef struct prefill_config {
     long max_prompt_tokens;   /* longer prompts: RESOURCE_EXHAUSTED (0 = ctx) */
     long max_concurrent;      /* prefills at once = contexts = worker threads */
     long retry_delay_ms;      /* retry-delay-ms sent with RESOURCE_EXHAUSTED */
+    long grace_ms;            /* shutdown grace for calls in flight */
     long handoff_ms;          /* how long the publish lease is kept for the decode worker */
     long kv_type;             /* 1 = f16 cache (default), 0 = f32 */
     bool verbose;

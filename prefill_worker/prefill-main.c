@@ -68,6 +68,8 @@ static const cfg_entry k_cfg[] = {
      "prefills at once (one context and thread each); more get RESOURCE_EXHAUSTED"},
     {"retry-delay-ms", CFG_LONG, &W->retry_delay_ms, "500", 0, 3600000,
      "retry-delay-ms trailer of RESOURCE_EXHAUSTED"},
+    {"grace-ms", CFG_LONG, &W->grace_ms, "500", 0, 60000,
+     "shutdown grace for calls in flight to flush their status"},
     {"handoff-ms", CFG_LONG, &W->handoff_ms, "30000", 0, 86400000,
      "keep a published sequence's lease this long for the decode worker"},
     {"kv-type", CFG_STR, NULL, "f16", 0, 0, "context KV cache type: f16 or f32"},
@@ -408,7 +410,7 @@ int main(int argc, char **argv)
     /* cancel running prefills (each stops after its chunk, aborts its sequence and finishes its
      * call with UNAVAILABLE), then let the server flush those statuses */
     prefill_service_stop(w);
-    rpc_server_shutdown(w->server, 500);
+    rpc_server_shutdown(w->server, w->cfg.grace_ms);
     if (w->kv)
         prefill_handoff_reap(w, true);
     rpc_server_free(w->server);
