@@ -687,6 +687,7 @@ static int run_prefill(dseq *q, uint64_t *seq_id, uint64_t *seq_gen, uint64_t *n
     req.token_ids = q->ids;
     req.attention = &ao;
     req.kv_segment = decode_g.kv_path;
+    req.kv_segment_id = kvstore_segment_id(decode_g.kv);
     req.model_fingerprint = decode_g.fingerprint;
     req.reserve_decode_tokens = q->max_tokens;
     req.return_last_logits = decode_g.cfg.prefill_logits != 0;
@@ -734,7 +735,9 @@ static int run_prefill(dseq *q, uint64_t *seq_id, uint64_t *seq_gen, uint64_t *n
                 snprintf(msg, n_msg, "prefill worker %s returned no KV handle", addr);
                 break;
             }
-            if (res->handle->segment[0] && !same_file(res->handle->segment, decode_g.kv_path)) {
+            if ((res->handle->segment_id &&
+                 res->handle->segment_id != kvstore_segment_id(decode_g.kv)) ||
+                (res->handle->segment[0] && !same_file(res->handle->segment, decode_g.kv_path))) {
                 rc = -ESTALE;
                 snprintf(msg, n_msg, "prefill worker %s wrote into segment %s, not ours (%s)", addr,
                          res->handle->segment, decode_g.kv_path);

@@ -72,12 +72,13 @@ static const char *dtype_name(uint32_t dt)
 }
 
 static void print_stats(const char *name, const kvstore_stats *s, const char *io, bool json,
-                        const kvstore_gc_result *gc)
+                        const kvstore_gc_result *gc, uint64_t segment_id)
 {
     const kvstore_geometry *g = &s->geom;
     if (json) {
         printf("{\"name\":");
         json_str(name);
+        printf(",\"segment_id\":%" PRIu64, segment_id);
         printf(",\"geometry\":{\"model_fingerprint\":\"%016" PRIx64 "\",\"n_layers\":%u,"
                "\"n_kv_heads\":%u,\"head_dim\":%u,\"tokens_per_block\":%u,\"dtype\":\"%s\","
                "\"bytes_per_block\":%" PRIu64 "}",
@@ -113,7 +114,8 @@ static void print_stats(const char *name, const kvstore_stats *s, const char *io
         printf("gc: reaped %u dead processes, released %u leases, freed %u sequences, "
                "cancelled %u spill moves\n",
                gc->owners_reaped, gc->leases_released, gc->seqs_freed, gc->moves_cancelled);
-    printf("segment %s: %.1f MiB\n", name, (double)s->segment_bytes / 1048576.0);
+    printf("segment %s: %.1f MiB, id %" PRIu64 "\n", name, (double)s->segment_bytes / 1048576.0,
+           segment_id);
     printf("  geometry: fingerprint %016" PRIx64 ", %u layers, %u kv heads, head dim %u, %u "
            "tokens/block, %s, %" PRIu64 " bytes/block\n",
            g->model_fingerprint, g->n_layers, g->n_kv_heads, g->head_dim, g->tokens_per_block,
@@ -311,7 +313,7 @@ int main(int argc, char **argv)
             fprintf(stderr, "ihip-kv: %s\n", err.msg);
             rc = 1;
         } else {
-            print_stats(name, &st, kvstore_io_name(kv), json, gp);
+            print_stats(name, &st, kvstore_io_name(kv), json, gp, kvstore_segment_id(kv));
         }
     }
     kvstore_close(kv);

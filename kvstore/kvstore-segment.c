@@ -803,6 +803,12 @@ int kvstore_destroy(const char *name, const kvstore_params *p_in, cm_err *err)
 
 const kvstore_geometry *kvstore_get_geometry(const kvstore *kv) { return &kv->geom_pub; }
 
+uint64_t kvstore_segment_id(const kvstore *kv)
+{
+    uint64_t id = kv->L.created_unix_ns;
+    return id ? id : (kv->L.layout_hash | 1u);
+}
+
 const char *kvstore_io_name(const kvstore *kv) { return kv->io ? kvs_io_name(kv->io) : "none"; }
 
 /* ---- rebuild / check ---------------------------------------------------------------------------- */

@@ -134,6 +134,11 @@ CM_API int kvstore_destroy(const char *name, const kvstore_params *p, cm_err *er
 
 /* Valid while kv is open. */
 CM_API const kvstore_geometry *kvstore_get_geometry(const kvstore *kv);
+/* The segment's identity: fixed at creation (its creation time in ns since the epoch, never 0),
+ * the same for every process that opens it, different for segments created at different times
+ * even when they have the same path (e.g. /kv/ihip-ihip in every pod). A KV handle carries it so
+ * a worker never reads a sequence id of another segment. */
+CM_API uint64_t kvstore_segment_id(const kvstore *kv);
 /* Name of the spill I/O backend this handle uses ("io_uring", "pread", or "none"). */
 CM_API const char *kvstore_io_name(const kvstore *kv);
 /* Renew this process's heartbeat (lock-free). */

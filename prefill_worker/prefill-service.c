@@ -350,6 +350,7 @@ static void send_result(prefill_worker *w, prefill_slot *s, prefill_job *j, kvst
 {
     Infinitehip__V1__KvHandle h = INFINITEHIP__V1__KV_HANDLE__INIT;
     h.segment = w->kv_path;
+    h.segment_id = kvstore_segment_id(w->kv);
     h.sequence_id = lease.seq.id;
     h.generation = lease.seq.gen;
     h.n_tokens = j->n_tokens;
@@ -658,6 +659,13 @@ static void on_prefill(rpc_call *call, const ProtobufCMessage *msg, void *user)
         rpc_call_finish(call, RPC_RESOURCE_EXHAUSTED,
                         "token_ids: %zu tokens is over the limit of %ld (--max-prompt-tokens)",
                         r->n_token_ids, w->cfg.max_prompt_tokens);
+        return;
+    }
+    if (r->kv_segment_id && r->kv_segment_id != kvstore_segment_id(w->kv)) {
+        rpc_call_finish(call, RPC_FAILED_PRECONDITION,
+                        "kv_segment_id: this worker's segment %s has id %" PRIu64 ", not %" PRIu64
+                        " (another segment with the same path: a worker of another pod/node?)",
+                        w->kv_path, kvstore_segment_id(w->kv), (uint64_t)r->kv_segment_id);
         return;
     }
     if (r->kv_segment[0] && !same_segment(w, r->kv_segment)) {

@@ -109,6 +109,11 @@ def fv(field, v):
     return tag(field, 0) + varint(v)
 
 
+def f64(field, v):
+    """A fixed64 field."""
+    return varint(field << 3 | 1) + int(v).to_bytes(8, "little")
+
+
 def fb(field, b):
     """length-delimited field (string, bytes, message)."""
     if isinstance(b, str):
@@ -735,6 +740,15 @@ def build_cases(c):
     pf("kv_segment /etc/passwd", preq([1, 2], fb(4, "/etc/passwd")), FP)
     pf("kv_segment ../../../etc", preq([1, 2], fb(4, "../../../etc")), FP)
     pf("model_fingerprint of another model", preq([1, 2], fb(5, "0123456789abcdef")), FP)
+    # kv_segment_id (fixed64, field 10): another segment's id is refused even though the path
+    # matches (two pods' segments have the same path); its own id is accepted
+    own_id = c.segment_id
+    pf("kv_segment_id of another segment", preq([1, 2], f64(10, own_id ^ 1)), FP)
+    pf("kv_segment_id 2^64-1", preq([1, 2], f64(10, (1 << 64) - 1)), FP)
+    pf("kv_segment_id of its own segment", preq([1, 2], f64(10, own_id),
+                                                fb(4, os.path.join(c.dir, "ihip-ihip"))), {OK, RE},
+       extra=lambda r: (b"".join(r.msgs).find(own_id.to_bytes(8, "little")) >= 0,
+                        "the handle carries segment_id"))
     pf("model_fingerprint garbage", preq([1, 2], fb(5, "not hex at all")), FP)
     pf("attention preset unknown", preq([1, 2], fm(3, fb(1, "zzz"))), IA)
     pf("attention config_json not an object", preq([1, 2], fm(3, fb(2, "[1]"))), IA)
@@ -987,6 +1001,7 @@ def main():
         base_text = gen_summary(base.msgs)[0]
         print(f"     baseline greedy: {base.code.name} {base_text!r}")
         rss0 = (c.pre.rss_kb(), c.dec.rss_kb())
+        c.segment_id = int(kv(c, "stats").get("segment_id", 0))
         cases = build_cases(c)
         print(f"     {len(cases)} cases built ({time.monotonic() - t_start:.1f} s)", flush=True)
         rss_pass = []
