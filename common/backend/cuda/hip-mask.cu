@@ -45,7 +45,7 @@
 #define MASK_SELECT_MAX_P 16384 /* largest sorted list (pow2) the select kernel holds */
 #define MASK_ROPE_TAB_MAX 65536 /* positions of the per-call cos/sin table */
 
-enum { SLOT_TAB = CUDA_SLOT_MASK0, SLOT_ROWS, SLOT_SCORE, SLOT_REP };
+enum { SLOT_TAB = CUDA_SLOT_MASK0, SLOT_ROWS, SLOT_SCORE, SLOT_REP, SLOT_FRAG };
 
 /* ---- small device helpers ------------------------------------------------------------------- */
 
@@ -620,6 +620,10 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
     }
 }
 
+/* ---- scan, tensor-core path for prefill (opt-in, not bit-exact: IHIP_MASK_PREFILL=mma) -------- */
+
+#include "hip-mask-mma.cuh"
+
 /* ---- select: exact top-k, realign, sort, split / final lists (§2.7, §2.8) -------------------- */
 
 struct mask_select_params {
@@ -967,8 +971,9 @@ static void prof_report(mask_prof *pf, int64_t T, int64_t n_qblk, int first_stag
     if (cudaEventSynchronize(pf->ev[pf->n - 1]) != cudaSuccess) return;
     float ms;
     char line[512];
+    static const char *const scan_name[4] = {"old", "fast1", "fast", "mma"};
     int len = snprintf(line, sizeof(line), "mask profile T=%lld n_qblk=%lld scan=%s:", (long long)T,
-                       (long long)n_qblk, fast == 2 ? "fast" : fast == 1 ? "fast1" : "old");
+                       (long long)n_qblk, scan_name[fast & 3]);
     int k = 1;
     if (k < pf->n && cudaEventElapsedTime(&ms, pf->ev[0], pf->ev[k]) == cudaSuccess)
         len += snprintf(line + len, sizeof(line) - (size_t)len, " rope_tab %.1f", ms * 1000.0f);
@@ -1051,12 +1056,32 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
     /* scan kernel: the fast one where it applies (2 heads per warp in lockstep), unless
      * IHIP_MASK_SCAN=old (scan_kernel) or IHIP_MASK_SCAN=fast1 (1 head per warp) */
     int fast = 0, nh = 2;
+    /* prefill (n_tok > 1) with IHIP_MASK_PREFILL=mma or mma0: the tensor-core scan
+     * (hip-mask-mma.cuh, bf16 dots, not bit-exact) where it applies. mma0: stage 0 only. mma:
+     * every stage in layers pruned with relative positions, stage 0 only in chunk-indexed ones
+     * (the special layers): there, bf16 scores in the later stages (8-token chunks, many
+     * near-ties) kept only 0.63-0.77 of the exact lists on the H200 (2026-11-28), below what the
+     * CPU reference itself keeps under a 2^-8 perturbation of the queries. */
+    int mma_stages = 0;
     {
         const char *e = getenv("IHIP_MASK_SCAN");
         const bool want_old = e && strcmp(e, "old") == 0;
         if (e && strcmp(e, "fast1") == 0) nh = 1;
         const bool rope_ok = !cr || (a->using_extend && (cr->style != CPU_ROPE_NEOX || cr->n_rot == d));
         if (!want_old && rope_ok && (d == 64 || d == 128)) fast = d / 16;
+        const char *em = getenv("IHIP_MASK_PREFILL");
+        if (em && n_tok > 1 && rope_ok && (d == 64 || d == 128)) {
+            if (strcmp(em, "mma") == 0) mma_stages = a->layer->scan_rope == HIP_SCAN_CHUNK ? 1 : S;
+            else if (strcmp(em, "mma0") == 0) mma_stages = 1;
+        }
+    }
+    /* A fragments of the mma scan, sized for the stage with the most probe rows (allocated
+     * before any launch: a growing slot is freed and reallocated) */
+    uint4 *frag = NULL;
+    if (mma_stages > 0) {
+        const size_t n_frag = (size_t)n_qblk * (size_t)H * (size_t)((max_rows + 15) / 16) * 32 * (size_t)(d / 16);
+        frag = (uint4 *)cuda_hip_work_get(w, SLOT_FRAG, sizeof(uint4) * n_frag);
+        if (!frag) return -ENOMEM;
     }
     mask_prof prof;
     prof_begin(&prof, st);
@@ -1131,7 +1156,24 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
             if (ub[s] > INT32_MAX) return -EINVAL;
             const dim3 grid((unsigned)ub[s], (unsigned)n_qblk);
             const size_t fsm = 16 * (size_t)H;
-            if (fast == 8 && nh == 2) {
+            if (s < mma_stages) {
+                const int64_t n_grp = (ub[s] + MMA_CH - 1) / MMA_CH;
+                if (n_grp * n_qblk > INT32_MAX) return -EINVAL;
+                const unsigned mgrid = (unsigned)(n_grp * n_qblk);
+                const size_t msm = 16 * (size_t)H * MMA_CH;
+                const int MT = (p.rmax + 15) / 16;
+                const int64_t n_units = n_qblk * H * MT * 32;
+                const unsigned fgrid = (unsigned)((n_units + 255) / 256);
+                if (d == 128) {
+                    frag_kernel<4><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk);
+                    scan_mma_kernel<4><<<mgrid, MASK_SCAN_WARPS * 32, msm, st>>>(p, rope, mkv, frag, MT, n_grp,
+                                                                                (int)n_qblk);
+                } else {
+                    frag_kernel<2><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk);
+                    scan_mma_kernel<2><<<mgrid, MASK_SCAN_WARPS * 32, msm, st>>>(p, rope, mkv, frag, MT, n_grp,
+                                                                                (int)n_qblk);
+                }
+            } else if (fast == 8 && nh == 2) {
                 scan_fast_kernel<8, 2><<<grid, MASK_SCAN_WARPS * 32, fsm, st>>>(p, rope, mkv);
             } else if (fast == 8) {
                 scan_fast_kernel<8, 1><<<grid, MASK_SCAN_WARPS * 32, fsm, st>>>(p, rope, mkv);
@@ -1196,6 +1238,6 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
     }
     m->n_qblk = (int)n_qblk;
     m->pos0 = pos0;
-    if (prof.on) prof_report(&prof, T, n_qblk, first_stage, S, ub, fast ? nh : 0);
+    if (prof.on) prof_report(&prof, T, n_qblk, first_stage, S, ub, mma_stages ? 3 : fast ? nh : 0);
     return 0;
 }
