@@ -9,7 +9,15 @@ copy is made once, outside the timing). CUDA events, warm-up, median of --reps. 
 in its own try/except and prints why it failed. Prints the same table format as attention_gpu and
 writes CSV (op,T,n_tok,median_ms,bytes,GB_per_s,TFLOP_per_s,reps,note).
 
+Two timings per backend (math: the first only), as in attention_gpu:
+  "torch sdpa NAME"          events around ONE call (Python dispatch and launch inside);
+  "torch sdpa NAME [graph]"  32 back-to-back calls captured in one torch.cuda.CUDAGraph (the
+                             layers of one decode step), events around one replay, median over
+                             --graph-reps replays divided by 32 = GPU time per call. All 32 calls
+                             read the same K/V (T x 4 KiB, far beyond L2 at these T).
+
     python3 tests/bench/attention_gpu_torch.py [--sizes 128K,256K,512K,1M,2M,4M] [--reps 20]
+                                               [--graph-reps 10] [--no-graph]
                                                [--csv PATH] [--math-max 262144]
 """
 import argparse
@@ -17,6 +25,7 @@ import statistics
 import sys
 
 H, HKV, D = 32, 8, 128
+GRAPH_CALLS = 32
 
 
 def parse_size(s):
@@ -33,6 +42,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="128K,256K,512K,1M,2M,4M")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--graph-reps", type=int, default=10)
+    ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--math-max", type=int, default=256 * 1024,
                     help="largest T for the math fallback (it materialises the scores)")
@@ -84,9 +95,36 @@ def main():
             ts.append(start.elapsed_time(end))
         return statistics.median(ts)
 
-    def add(op, T, ms, nbytes, note):
+    def timed_graph(fn):
+        """Per-call median ms of fn in a CUDA graph of GRAPH_CALLS back-to-back calls."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch asks
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            outs = [fn() for _ in range(GRAPH_CALLS)]
+        for _ in range(2):
+            g.replay()
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        ts = []
+        for _ in range(max(1, args.graph_reps)):
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            ts.append(start.elapsed_time(end) / GRAPH_CALLS)
+        del outs, g
+        return statistics.median(ts)
+
+    def add(op, T, ms, nbytes, note, nreps=None):
         gbs = nbytes / (ms * 1e-3) / 1e9 if ms and ms > 0 else 0.0
-        line = f"  {op:<28s} T {T:8d} n_tok {1:6d}  {ms if ms else -1:10.4f} ms"
+        line = f"  {op:<36s} T {T:8d} n_tok {1:6d}  {ms if ms else -1:10.4f} ms"
         if ms and ms > 0:
             line += f"  {gbs:8.1f} GB/s"
         if note:
@@ -94,7 +132,8 @@ def main():
         print(line, flush=True)
         rows.append((op, T, ms, gbs))
         if csv:
-            csv.write(f"{op},{T},1,{ms if ms else -1:.6f},{nbytes:.0f},{gbs:.3f},0,{reps},{note}\n")
+            csv.write(f"{op},{T},1,{ms if ms else -1:.6f},{nbytes:.0f},{gbs:.3f},0,"
+                      f"{nreps or reps},{note}\n")
 
     # probe enable_gqa once
     gqa = True
@@ -141,17 +180,37 @@ def main():
                 msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
                 print(f"  {op:<28s} T {T:8d}: failed: {type(e).__name__}: {msg}")
                 torch.cuda.synchronize()
+                continue
+            if args.no_graph or name == "math":
+                continue
+            gop = op + " [graph]"
+            try:
+                if be is not None:
+                    with sdpa_kernel([be]):
+                        ms = timed_graph(call)
+                else:
+                    ms = timed_graph(call)
+                add(gop, T, ms, nbytes,
+                    f"per call, {GRAPH_CALLS}-call graph" + ("" if gqa else ", expanded K/V"),
+                    max(1, args.graph_reps))
+            except Exception as e:  # noqa: BLE001
+                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+                print(f"  {gop:<36s} T {T:8d}: capture/replay failed: {type(e).__name__}: {msg}")
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001
+                    pass
         del q, k, v
         torch.cuda.empty_cache()
 
     print("\nsummary (median ms; one layer, batch 1):")
     names = sorted({r[0] for r in rows})
-    print("%10s " % "T" + " ".join("%22s" % n.replace("torch sdpa ", "") for n in names))
+    print("%10s " % "T" + " ".join("%24s" % n.replace("torch sdpa ", "") for n in names))
     for T in sizes:
         cells = []
         for n in names:
             ms = next((r[2] for r in rows if r[0] == n and r[1] == T), None)
-            cells.append("%22s" % (f"{ms:.4f}" if ms else "-"))
+            cells.append("%24s" % (f"{ms:.4f}" if ms else "-"))
         print("%10d " % T + " ".join(cells))
     if csv:
         csv.close()
