@@ -16,6 +16,8 @@
  *   3. batched decode of 3 sequences equals each sequence decoded alone;
  *   4. HiP in the forward (real SmolLM2): equal to dense while sink + window cover the context,
  *      retrieval beyond the window with a scaled-down config, the fast refresh schedule;
+ *   5. fp8 KV cache ("tiny"): GPU logits vs the plain C forward with its K/V rounded to e4m3
+ *      the same way, and vs the GPU's bf16 KV; cuda_ctx_fill_synthetic + decode;
  *   and a timing of the synthetic llama3-8b at KV 4K (prefill and decode tokens/s).
  * Prints "N passed, N failed".
  */
@@ -25,6 +27,8 @@
 #include "tensor/tensor.h"
 #include "tokenizer/tokenizer.h"
 
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -115,6 +119,8 @@ static double kl_div(const float *p, const float *q, int64_t n)
 
 /* ---- host checks ----------------------------------------------------------------------------- */
 
+static float e4m3_round(float x);
+
 static void test_host(void)
 {
     int bad = 0;
@@ -166,8 +172,18 @@ static void test_host(void)
               cuda_model_synth_value(&hp, 7, 0, CUDA_T_WQ, 5) !=
                   cuda_model_synth_value(&hp, 7, 1, CUDA_T_WQ, 5),
           "synthetic values depend on seed and layer");
-    printf("host: bf16 rounding and synthetic generator ok (ffn_down sd %.5f, want %.5f)\n", sd,
-           want);
+    /* the reference's fp8 rounding (part 5) equals CUDA's conversion, host side */
+    int bad8 = 0;
+    for (int i = 0; i < 1000000; i++) {
+        float x = ldexpf((float)(int32_t)(uint32_t)rng() / 2147483648.0f, (int)(rng() % 32) - 22);
+        __half_raw h =
+            __nv_cvt_fp8_to_halfraw(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3), __NV_E4M3);
+        if (__half2float(__half(h)) != e4m3_round(x)) bad8++;
+    }
+    CHECK(bad8 == 0, "e4m3_round differs from __nv_cvt_float_to_fp8 in %d of 1M cases", bad8);
+    printf("host: bf16 rounding, fp8 rounding and synthetic generator ok (ffn_down sd %.5f, want "
+           "%.5f)\n",
+           sd, want);
 }
 
 /* ---- plain C reference forward over downloaded weights --------------------------------------- */
@@ -178,8 +194,30 @@ struct ref {
     float *w[64][CUDA_T_COUNT]; /* per layer */
     cpu_rope rope;
     int64_t n_ctx, n_past;
-    float *kc, *vc; /* [n_layer][n_ctx][kvd], bf16-rounded values */
+    float *kc, *vc; /* [n_layer][n_ctx][kvd], bf16-rounded values (fp8: e4m3 × scale) */
+    bool kv_fp8;    /* store K/V as the GPU's fp8 cache does, with scales ks, vs */
+    float ks, vs;
 };
+
+/* Round to fp8 e4m3 (3 mantissa bits, exponents -6..8, subnormal step 2^-9), nearest even,
+ * saturating at ±448: what __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3) computes, written
+ * from the format's definition. */
+static float e4m3_round(float x)
+{
+    if (isnan(x)) return x;
+    float a = fabsf(x);
+    if (a >= 448.0f) return copysignf(448.0f, x);
+    int e;
+    frexpf(a, &e); /* a in [2^(e-1), 2^e) */
+    const float step = ldexpf(1.0f, CM_MAX(e - 1, -6) - 3);
+    return copysignf(nearbyintf(a / step) * step, x);
+}
+
+static void round_kv(const struct ref *r, float *x, int64_t n, float scale)
+{
+    for (int64_t i = 0; i < n; i++)
+        x[i] = r->kv_fp8 ? e4m3_round(x[i] * (1.0f / scale)) * scale : cuda_model_round_bf16(x[i]);
+}
 
 static float *download(const cuda_model *m, int layer, int kind)
 {
@@ -263,8 +301,8 @@ static void ref_token(struct ref *r, int32_t tok, float *logits)
         matvec(w[CUDA_T_WQ], xn, qd, E, q);
         matvec(w[CUDA_T_WK], xn, kvd, E, kc + pos * kvd);
         matvec(w[CUDA_T_WV], xn, kvd, E, vc + pos * kvd);
-        round_vec(kc + pos * kvd, kvd);
-        round_vec(vc + pos * kvd, kvd);
+        round_kv(r, kc + pos * kvd, kvd, r->ks);
+        round_kv(r, vc + pos * kvd, kvd, r->vs);
         for (int64_t h = 0; h < H; h++) {
             int64_t hk = h / (H / Hk);
             float *qh = q + h * d;
@@ -699,26 +737,33 @@ static void test_hip(const char *path)
         hip_config_default(hc);
         cuda_ctx *cd = hip_ctx(m, NULL), *ch = hip_ctx(m, hc);
         double worst = 0;
-        int rc = -1;
+        int rc = -1, flips = 0;
         if (cd && ch && ld && lh) {
             rc = cuda_prefill(cd, 0, seq, n_prompt, ld, NULL, NULL, &err);
             if (rc == 0) rc = cuda_prefill(ch, 0, seq, n_prompt, lh, NULL, NULL, &err);
             for (int64_t s = 0; rc == 0; s++) {
                 worst = fmax(worst, max_abs_diff(ld, lh, V) / rms(ld, V));
+                if (argmax(ld, V) != argmax(lh, V) && top2_gap(ld, V) >= 0.25f) flips++;
                 if (s == 20) break;
                 rc = cuda_decode(cd, 0, seq[n_prompt + s], ld, &err);
                 if (rc == 0) rc = cuda_decode(ch, 0, seq[n_prompt + s], lh, &err);
             }
         }
         CHECK(rc == 0, "HiP (default config): %s", err.msg);
-        /* Same keys, different kernels (BSA vs dense: fp32 sums in another order, rel 1e-6, see
-         * test-cuda-attn), amplified by bf16 activations as in part 2: measured 2.9e-2. */
-        CHECK(worst < 0.06, "HiP with sink+window covering the context differs from dense: %.3g",
+        /* Same keys, different kernels (BSA vs dense: fp32 sums in another order and, in BSA
+         * decode, keys rotated by the relative angle; rel 1e-6 per call, see test-cuda-attn),
+         * amplified by bf16 activations through the layers as in part 2: measured 2.9e-2 with
+         * absolute angles, 6.8e-2 with relative ones (H200, 2026-11-28). A wrong key set or
+         * position moves logits by O(rms). Plus: no argmax may differ where dense's top-2 gap is
+         * >= 0.25. */
+        CHECK(worst < 0.15, "HiP with sink+window covering the context differs from dense: %.3g",
               worst);
+        CHECK(flips == 0, "HiP vs dense: %d argmax differences at a top-2 gap >= 0.25", flips);
         printf(
             "part 4: default HiP at T %lld..%lld (sink+window cover all keys; 3 prefill chunks of "
-            "128 with the near-dense last block) vs dense: max|dlogit|/rms %.2e (bound 6e-2)\n",
-            (long long)n_prompt, (long long)n_prompt + 20, worst);
+            "128 with the near-dense last block) vs dense: max|dlogit|/rms %.2e (bound 0.15), "
+            "argmax flips at gap >= 0.25: %d\n",
+            (long long)n_prompt, (long long)n_prompt + 20, worst, flips);
         cuda_ctx_free(ch);
 
         /* (b) scaled-down HiP, mask every step: retrieval from 200 tokens back (beyond the
@@ -781,6 +826,140 @@ out:
     free(hc);
     cuda_model_free(m);
     mdl_model_free(cm);
+}
+
+/* ---- 5. fp8 KV cache ------------------------------------------------------------------------ */
+
+static void test_fp8(void)
+{
+    cm_err err = {};
+    const uint64_t seed = 42;
+    const int64_t n_prompt = 29, chunk = 8;
+    const int n_dec = 8;
+    cuda_model *m = cuda_model_synthetic("tiny", seed, 0, &err);
+    CHECK(m != NULL, "synthetic tiny: %s", err.msg);
+    if (!m) return;
+    const int64_t V = cuda_model_hparams(m)->n_vocab;
+    struct ref r;
+    int rc = ref_init(&r, m, 64);
+    CHECK(rc == 0, "reference init");
+    r.kv_fp8 = true;
+    r.ks = r.vs = CUDA_KV_FP8_SCALE;
+    cuda_ctx_params p = cuda_ctx_default_params();
+    p.n_ctx = 64;
+    p.n_chunk = chunk;
+    cuda_ctx *cb = cuda_ctx_init(m, &p, &err);
+    p.kv_dtype = CUDA_KV_FP8;
+    cuda_ctx *cf = cuda_ctx_init(m, &p, &err);
+    CHECK(cb && cf, "contexts: %s", err.msg);
+    p.kv_dtype = 7;
+    CHECK(cuda_ctx_init(m, &p, &err) == NULL && err.code == -EINVAL, "KV dtype 7 accepted");
+    p.kv_dtype = CUDA_KV_FP8;
+    p.kv_k_scale = -1.0f;
+    CHECK(cuda_ctx_init(m, &p, &err) == NULL && err.code == -EINVAL, "negative fp8 scale accepted");
+    float *lb = (float *)malloc(sizeof(float) * V), *lf = (float *)malloc(sizeof(float) * V);
+    float *lr = (float *)malloc(sizeof(float) * V);
+    double worst_ref = 0, worst_bf = 0, worst_bf_rms = 0;
+    int agree = 0, n_cmp = 0, hard = 0;
+    if (rc == 0 && cb && cf && lb && lf && lr) {
+        CHECK(cuda_ctx_kv_bytes(cf) * 2 == cuda_ctx_kv_bytes(cb) &&
+                  cuda_ctx_kv_bytes(cb) == (size_t)4 * 2 * 64 * 256 * 2,
+              "KV bytes: bf16 %zu, fp8 %zu", cuda_ctx_kv_bytes(cb), cuda_ctx_kv_bytes(cf));
+        int32_t toks[64];
+        for (int64_t i = 0; i < n_prompt; i++)
+            toks[i] = (int32_t)(rng() % (uint64_t)V);
+        rc = cuda_prefill(cb, 0, toks, n_prompt, lb, NULL, NULL, &err);
+        if (rc == 0) rc = cuda_prefill(cf, 0, toks, n_prompt, lf, NULL, NULL, &err);
+        for (int64_t t = 0; t < n_prompt; t++)
+            ref_token(&r, toks[t], t == n_prompt - 1 ? lr : NULL);
+        for (int s = 0; rc == 0; s++) {
+            const double dr = max_abs_diff(lf, lr, V) / rms(lr, V);
+            const double db = max_abs_diff(lf, lb, V) / rms(lb, V);
+            double q = 0;
+            for (int64_t i = 0; i < V; i++)
+                q += ((double)lf[i] - lb[i]) * ((double)lf[i] - lb[i]);
+            const double dq = sqrt(q / (double)V) / rms(lb, V);
+            worst_ref = fmax(worst_ref, dr);
+            worst_bf = fmax(worst_bf, db);
+            worst_bf_rms = fmax(worst_bf_rms, dq);
+            const bool same = argmax(lf, V) == argmax(lb, V);
+            agree += same;
+            hard += !same && top2_gap(lb, V) >= 0.25f;
+            n_cmp++;
+            printf("part 5: step %d: fp8 vs fp8 reference: max %.2e of rms; fp8 vs bf16: max %.2e, "
+                   "rms %.2e of rms; argmax fp8 %lld bf16 %lld (bf16 top-2 gap %.3f)\n",
+                   s, dr, db, dq, (long long)argmax(lf, V), (long long)argmax(lb, V),
+                   top2_gap(lb, V));
+            if (s == n_dec) break;
+            const int32_t next = (int32_t)argmax(lb, V); /* greedy on bf16, both fed the same */
+            rc = cuda_decode(cb, 0, next, lb, &err);
+            if (rc == 0) rc = cuda_decode(cf, 0, next, lf, &err);
+            ref_token(&r, next, lr);
+        }
+        CHECK(rc == 0, "fp8 run: %s", err.msg);
+        /* GPU fp8 vs the C forward with the same e4m3 rounding of K/V (e4m3_round equals
+         * __nv_cvt_float_to_fp8 on 1M random floats: test_host): the part-2 effects
+         * (bf16 flips from fp32 summation order, amplified by the random weights) plus, rarely,
+         * an e4m3 rounding flipped the same way; 0.08 leaves room over part 2's 3.3e-2 and stays
+         * far below what storing bf16 instead of fp8 gives (≥ 0.22, below), a wrong or missing
+         * scale (O(10)) or a wrong index (O(1)). */
+        CHECK(worst_ref < 0.08, "fp8 KV: GPU differs from the fp8 reference by %.3g of rms",
+              worst_ref);
+        /* fp8 vs bf16 KV. e4m3 keeps 3 mantissa bits (rounding error ≤ 2^-4 relative, rms
+         * ≈ 3.6% per element) and the random-weight model amplifies every perturbation, so the
+         * gap is large: the C reference with bf16 vs e4m3 K/V on this model (30 random prompts of
+         * 29 tokens + 8 greedy steps, on the host, 2026-11-28) gave max|dlogit| 0.22 .. 0.36 and
+         * rms(dlogit) 0.058 .. 0.094 of the logits' rms. Bounds 0.5 and 0.15; at least 0.01 (the
+         * fp8 path is really taken). The synthetic model's logits are flat (top-2 gaps often
+         * < 0.1), so argmax flips where they nearly tie: 5..9 of 9 equal, every flip at a top-2
+         * gap ≤ 0.12; we require equality wherever the bf16 gap is ≥ 0.25. */
+        CHECK(worst_bf < 0.5 && worst_bf_rms < 0.15,
+              "fp8 KV vs bf16 KV: logits differ by max %.3g, rms %.3g of rms (bounds 0.5, 0.15)",
+              worst_bf, worst_bf_rms);
+        CHECK(worst_bf_rms > 0.01, "fp8 KV gives the bf16 logits (%.3g): fp8 not used?",
+              worst_bf_rms);
+        CHECK(hard == 0, "fp8 vs bf16 KV: %d argmax differences at a top-2 gap ≥ 0.25", hard);
+        printf("part 5: tiny, %lld-token prefill (chunks of %lld) + %d decode steps: fp8 KV vs "
+               "fp8 reference %.2e (bound 8e-2); vs bf16 KV max %.2e (bound 0.5), rms %.2e (bound "
+               "0.15), argmax equal %d/%d\n",
+               (long long)n_prompt, (long long)chunk, n_dec, worst_ref, worst_bf, worst_bf_rms,
+               agree, n_cmp);
+
+        /* synthetic fill (benchmarks): n_past, a decode step with finite logits that depend on
+         * the filled K/V (another seed gives other logits), bad arguments */
+        cuda_ctx *cs[2] = {cb, cf};
+        for (int i = 0; i < 2; i++) {
+            float *l1 = i ? lf : lb;
+            rc = cuda_ctx_fill_synthetic(cs[i], 0, 50, 7, &err);
+            CHECK(rc == 0 && cuda_ctx_n_past(cs[i], 0) == 50, "fill (%s): %s", i ? "fp8" : "bf16",
+                  err.msg);
+            if (rc == 0) rc = cuda_decode(cs[i], 0, 3, l1, &err);
+            int finite = 1;
+            for (int64_t j = 0; j < V; j++)
+                finite &= isfinite(l1[j]) ? 1 : 0;
+            CHECK(rc == 0 && finite && cuda_ctx_n_past(cs[i], 0) == 51 && rms(l1, V) > 0.1,
+                  "decode after fill (%s): %s (finite %d, rms %g)", i ? "fp8" : "bf16", err.msg,
+                  finite, rms(l1, V));
+            if (rc == 0) rc = cuda_ctx_fill_synthetic(cs[i], 0, 50, 8, &err);
+            if (rc == 0) rc = cuda_decode(cs[i], 0, 3, lr, &err);
+            CHECK(rc == 0 && max_abs_diff(l1, lr, V) > 1e-3 * rms(l1, V),
+                  "fill (%s): seeds 7 and 8 give the same logits (%s)", i ? "fp8" : "bf16",
+                  err.msg);
+        }
+        CHECK(cuda_ctx_fill_synthetic(cf, 0, 65, 1, &err) == -CM_ELIMIT, "fill beyond n_ctx");
+        CHECK(cuda_ctx_fill_synthetic(cf, 1, 10, 1, &err) == -EINVAL, "fill of sequence 1");
+        CHECK(cuda_ctx_fill_synthetic(cf, 0, 64, 1, &err) == 0 &&
+                  cuda_decode(cf, 0, 1, NULL, &err) == -CM_ELIMIT,
+              "decode after filling the whole context");
+        printf("part 5: cuda_ctx_fill_synthetic + decode ok (bf16 and fp8)\n");
+    }
+    free(lb);
+    free(lf);
+    free(lr);
+    cuda_ctx_free(cb);
+    cuda_ctx_free(cf);
+    ref_free(&r);
+    cuda_model_free(m);
 }
 
 /* ---- timing ---------------------------------------------------------------------------------- */
@@ -863,6 +1042,7 @@ int main(void)
     test_synthetic("smollm2-135m", 21, 4, 8);
     test_batch();
     test_hip(path);
+    test_fp8();
     if (!getenv("IHIP_TEST_NO_TIMING")) timing();
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail ? 1 : 0;

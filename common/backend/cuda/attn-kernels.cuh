@@ -14,7 +14,9 @@
  * online softmax; groups, warps and splits are merged with log-sum-exp (partials -> merge
  * kernel). Keys are rotated in registers: dense keys use a two-level cos/sin table (64 low
  * positions per block in shared memory x one exact row per 64-key chunk per warp), BSA keys
- * compute their angles directly (few keys).
+ * are rotated by their distance to the query (vpos - p; the query stays unrotated), from a
+ * cos/sin table of distances < AK_CS_POS (ak_cs_table) or directly beyond (v1: absolute
+ * angles, computed directly).
  *
  * Prefill (many queries): FlashAttention-2-style fp32 tiles: 64 rows (queries x heads of the
  * group) x 64 keys per step, 256 threads each owning 4x4 scores and 4 rows x D/16 outputs.
@@ -66,7 +68,14 @@ struct attn_params {
     long long keys_per_split;
     float2 *part_ml;  /* [H][n_split] (m, l) */
     float *part_acc;  /* [H][n_split][D] */
+    /* BSA decode: cos/sin of positions < AK_CS_POS (NULL = none), cs_tab[pos][n_rot/2], and
+     * the inv_freq it was built from (a frequency whose copy differs is computed directly) */
+    const float2 *cs_tab;
+    const double *cs_freq;
 };
+
+#define AK_CS_POS 16384 /* positions of the BSA decode cos/sin table */
+#define AK_CS_MAXF 64   /* frequencies kept in its header (n_rot <= 128) */
 
 /* ---- small device helpers ------------------------------------------------------------------- */
 
@@ -258,7 +267,7 @@ static __device__ __forceinline__ void ak_allsum(float (&x)[NV], int lane)
  * NORM keys rotated without shuffles, cos/sin tables stored so that the 16 lanes of a key read
  * consecutive entries (no bank conflicts), the query angles computed once for all heads, and
  * BSA splits made of one-step chunks (KPW * U keys per warp chunk, several times the blocks). */
-template <int D, int MAXG, bool DENSE, bool V2>
+template <int D, int MAXG, bool DENSE, bool V2, bool PRE>
 static __device__ __forceinline__ void ak_decode_body(const attn_params &P)
 {
     constexpr int LPK = D / 8;        /* lanes per key */
@@ -315,6 +324,16 @@ static __device__ __forceinline__ void ak_decode_body(const attn_params &P)
         fq[j] = ak_freq(P, e0 + j, &first[j], &partner);
         ts[j] = fq[j] < 0 ? 0 : (fq[j] % PF) * hpf + fq[j] / PF;
     }
+    /* BSA: my frequencies come from the table when it was built from the same inv_freq */
+    bool use_tab = false;
+    if (!DENSE && V2 && P.cs_tab && P.inv_freq) {
+        use_tab = true;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            if (fq[j] >= 0 && __double_as_longlong(P.cs_freq[fq[j]]) !=
+                                  __double_as_longlong(P.inv_freq[fq[j]]))
+                use_tab = false;
+    }
     int h8 = half / 8;
     int src_lane = gi * LPK + (lg < h8 ? lg + h8 : (lg < 2 * h8 ? lg - h8 : lg));
     const bool neox = P.rope_style == CPU_ROPE_NEOX;
@@ -328,6 +347,7 @@ static __device__ __forceinline__ void ak_decode_body(const attn_params &P)
             cq[j] = 1.0f;
             sq[j] = 0.0f;
             if (fq[j] < 0) continue;
+            if (!DENSE) continue; /* BSA: keys rotated by vpos - p, the query not at all */
             if (!neox && (j & 1)) {
                 cq[j] = cq[j - 1];
                 sq[j] = sq[j - 1];
@@ -392,13 +412,12 @@ static __device__ __forceinline__ void ak_decode_body(const attn_params &P)
             }
             __syncwarp();
         }
-        for (int it = 0; it < CH; it += KPW * U) {
-            uint4 kr[U], vr[U];
-            bool ok[U];
-            long long vp[U];
+        /* the keys of one step from logical key nb: validity, rotation position, raw K/V */
+        auto load_step = [&](long long nb, uint4(&kr)[U], uint4(&vr)[U], bool(&ok)[U],
+                             long long(&vp)[U]) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
-                long long n = cbase + it + u * KPW + gi, t = n, vpos = n;
+                long long n = nb + u * KPW + gi, t = n, vpos = n;
                 int set = AK_DENSE;
                 if (n < lo || n >= hi) set = AK_NONE;
                 else if (!DENSE) set = ak_bsa_key(P, blk, n, &t, &vpos);
@@ -413,6 +432,20 @@ static __device__ __forceinline__ void ak_decode_body(const attn_params &P)
                     vr[u] = kr[u];
                 }
             }
+        };
+        uint4 kr[U], vr[U];
+        bool ok[U];
+        long long vp[U];
+        if (PRE) load_step(cbase, kr, vr, ok, vp);
+        for (int it = 0; it < CH; it += KPW * U) {
+            /* PRE: the next step's loads are issued before this step's math (twice the bytes in
+             * flight per warp); same keys, same arithmetic in the same order as without */
+            uint4 nkr[U], nvr[U];
+            bool nok[U];
+            long long nvp[U];
+            const bool more = it + KPW * U < CH;
+            if (!PRE) load_step(cbase + it, kr, vr, ok, vp);
+            else if (more) load_step(cbase + it + KPW * U, nkr, nvr, nok, nvp);
             float sc[U][MAXG];
 #pragma unroll
             for (int u = 0; u < U; u++) {
@@ -443,8 +476,15 @@ static __device__ __forceinline__ void ak_decode_body(const attn_params &P)
                             float2 b = tab_lo[(int)(vp[u] - cbase) * half + ts[j]];
                             c = a.x * b.x - a.y * b.y;
                             s = a.y * b.x + a.x * b.y;
-                        } else {
+                        } else if (!V2) {
                             ak_cs(P.inv_freq[fq[j]], vp[u], &c, &s);
+                        } else if (use_tab && p - vp[u] >= 0 && p - vp[u] < AK_CS_POS) {
+                            /* angle of vpos - p = -(p - vpos): cos even, sin odd */
+                            float2 a = __ldg(P.cs_tab + (size_t)(p - vp[u]) * half + fq[j]);
+                            c = a.x;
+                            s = -a.y;
+                        } else {
+                            ak_cs(P.inv_freq[fq[j]], vp[u] - p, &c, &s);
                         }
                         k[j] = ak_rot(k[j], pk[j], first[j], c, s);
                     }
@@ -499,6 +539,15 @@ static __device__ __forceinline__ void ak_decode_body(const attn_params &P)
                     for (int j = 0; j < 8; j++) acc[hh][j] = fmaf(pe, vv[u][j], acc[hh][j]);
                 }
                 m[hh] = mx;
+            }
+            if (PRE && more) {
+#pragma unroll
+                for (int u = 0; u < U; u++) {
+                    kr[u] = nkr[u];
+                    vr[u] = nvr[u];
+                    ok[u] = nok[u];
+                    vp[u] = nvp[u];
+                }
             }
         }
     }
@@ -561,41 +610,137 @@ static __device__ __forceinline__ void ak_decode_body(const attn_params &P)
 }
 
 /* The kernels: MINB = 4 asks for 4 blocks per SM (<= 128 registers; v3). Without a minimum the
- * attribute is left out (ptxas allocates differently when a minimum of 1 is given). */
-template <int D, int MAXG, bool DENSE, bool V2, int MINB>
+ * attribute is left out (ptxas allocates differently when a minimum of 1 is given). PRE: the
+ * next step's K/V loads issued before the current step's math (v4). */
+template <int D, int MAXG, bool DENSE, bool V2, int MINB, bool PRE>
 __global__ void __launch_bounds__(ATTN_NW * 32) ak_decode_kernel(attn_params P)
 {
-    ak_decode_body<D, MAXG, DENSE, V2>(P);
+    ak_decode_body<D, MAXG, DENSE, V2, PRE>(P);
 }
 template <int D, int MAXG, bool DENSE, bool V2>
 __global__ void __launch_bounds__(ATTN_NW * 32, 4) ak_decode_kernel_mb4(attn_params P)
 {
-    ak_decode_body<D, MAXG, DENSE, V2>(P);
+    ak_decode_body<D, MAXG, DENSE, V2, false>(P);
 }
-template <int D, int MAXG, bool DENSE, bool V2, int MINB>
+template <int D, int MAXG, bool DENSE, bool V2, int MINB, bool PRE>
 static constexpr auto ak_decode_fn(void)
 {
     if constexpr (MINB == 4) return ak_decode_kernel_mb4<D, MAXG, DENSE, V2>;
-    else return ak_decode_kernel<D, MAXG, DENSE, V2, MINB>;
+    else return ak_decode_kernel<D, MAXG, DENSE, V2, MINB, PRE>;
 }
 
-/* out[h][e] = sum_s acc_s e^{m_s - M} / sum_s l_s e^{m_s - M}; one block per head. */
+/* The BSA decode cos/sin table: tab[pos][f] = ak_cs(inv_freq[f], pos) for pos < AK_CS_POS, and
+ * freq[f] = inv_freq[f] (the header the decode kernel checks). */
+static __global__ void ak_cs_table_kernel(const double *inv_freq, int half, double *freq,
+                                          float2 *tab)
+{
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < half) freq[i] = inv_freq[i];
+    if (i >= (long long)AK_CS_POS * half) return;
+    float c, s;
+    ak_cs(inv_freq[i % half], i / half, &c, &s);
+    tab[i] = make_float2(c, s);
+}
+
+/* BSA decode (v2) rotates each key by vpos - p and leaves the query unrotated (the same scores:
+ * R(p)^T R(vpos) = R(vpos - p)). With the streaming layout every distance p - vpos is below
+ * sink + selected + window (~8K), so the cos/sin of distances < AK_CS_POS come from a table
+ * built once per (work, rope, device) on the work's stream (one work per stream: later calls
+ * on it see the finished table); larger distances (no extend) are computed directly. Off with
+ * IHIP_ATTN_CSTAB=0. Failures only leave the table out. */
+static inline void ak_cs_table(attn_params *P, cuda_hip_work *w, int dev, cudaStream_t st)
+{
+    P->cs_tab = NULL;
+    P->cs_freq = NULL;
+    if (!P->inv_freq || P->n_rot / 2 > AK_CS_MAXF) return;
+    const char *e = getenv("IHIP_ATTN_CSTAB");
+    if (e && !strcmp(e, "0")) return;
+    const int half = P->n_rot / 2;
+    const size_t hdr = sizeof(double) * AK_CS_MAXF;
+    void *buf = cuda_hip_work_get(w, CUDA_SLOT_ATTN0 + 2,
+                                  hdr + sizeof(float2) * (size_t)AK_CS_POS * AK_CS_MAXF);
+    if (!buf) {
+        cudaGetLastError();
+        return;
+    }
+    double *freq = (double *)buf;
+    float2 *tab = (float2 *)((char *)buf + hdr);
+    if (w->cs_key != (const void *)P->inv_freq || w->cs_nrot != P->n_rot || w->cs_dev != dev) {
+        long long n = (long long)AK_CS_POS * half;
+        ak_cs_table_kernel<<<(unsigned)((n + 255) / 256), 256, 0, st>>>(P->inv_freq, half, freq,
+                                                                         tab);
+        if (cudaGetLastError() != cudaSuccess) {
+            w->cs_key = NULL;
+            return;
+        }
+        w->cs_key = P->inv_freq;
+        w->cs_nrot = P->n_rot;
+        w->cs_dev = dev;
+    }
+    P->cs_tab = tab;
+    P->cs_freq = freq;
+}
+
+/* out[h][e] = sum_s acc_s e^{m_s - M} / sum_s l_s e^{m_s - M}; one block per head. The (m, l)
+ * pairs are loaded once into shared memory (sf[s] = e^{m_s - M}, -inf = empty split) and the
+ * partials are read 8 splits at a time before the sums, so 8 loads are in flight per thread
+ * instead of one dependent load per split; the sums run over the splits in order as before.
+ * Dynamic shared memory: (2 * n_split + 32) floats (ak_merge_smem). */
+#define AK_MERGE_BATCH 8
+static inline size_t ak_merge_smem(int n_split)
+{
+    return sizeof(float) * (2 * (size_t)n_split + 32);
+}
+
 static __global__ void ak_merge_kernel(const float2 *part_ml, const float *part_acc, int n_split,
                                        int d, float *out)
 {
+    extern __shared__ float ak_msm[];
+    float *sf = ak_msm, *sl = sf + n_split, *wmax = sl + n_split;
     const int h = blockIdx.x;
     const float2 *ml = part_ml + (size_t)h * n_split;
     float M = -INFINITY;
-    for (int s = 0; s < n_split; s++) M = fmaxf(M, ml[s].x);
+    for (int s = threadIdx.x; s < n_split; s += blockDim.x) {
+        float2 v = ml[s];
+        sf[s] = v.x;
+        sl[s] = v.y;
+        M = fmaxf(M, v.x);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    if ((threadIdx.x & 31) == 0) wmax[threadIdx.x >> 5] = M;
+    __syncthreads();
+    M = -INFINITY;
+    for (int w = 0; w < (int)(blockDim.x + 31) / 32; w++) M = fmaxf(M, wmax[w]);
+    for (int s = threadIdx.x; s < n_split; s += blockDim.x) {
+        float ms = sf[s];
+        sf[s] = ms == -INFINITY ? -INFINITY : __expf(ms - M);
+    }
+    __syncthreads();
     for (int e = threadIdx.x; e < d; e += blockDim.x) {
         float L = 0.0f, A = 0.0f;
-        if (M != -INFINITY)
-            for (int s = 0; s < n_split; s++) {
-                if (ml[s].x == -INFINITY) continue;
-                float f = __expf(ml[s].x - M);
-                L += ml[s].y * f;
-                A += part_acc[((size_t)h * n_split + s) * d + e] * f;
+        if (M != -INFINITY) {
+            const float *pa = part_acc + (size_t)h * n_split * d + e;
+            int s = 0;
+            for (; s + AK_MERGE_BATCH <= n_split; s += AK_MERGE_BATCH) {
+                float a[AK_MERGE_BATCH];
+#pragma unroll
+                for (int j = 0; j < AK_MERGE_BATCH; j++) a[j] = pa[(size_t)(s + j) * d];
+#pragma unroll
+                for (int j = 0; j < AK_MERGE_BATCH; j++) {
+                    float f = sf[s + j];
+                    if (f == -INFINITY) continue;
+                    L += sl[s + j] * f;
+                    A += a[j] * f;
+                }
             }
+            for (; s < n_split; s++) {
+                float f = sf[s];
+                if (f == -INFINITY) continue;
+                L += sl[s] * f;
+                A += pa[(size_t)s * d] * f;
+            }
+        }
         out[(size_t)h * d + e] = L > 0.0f ? A / L : 0.0f;
     }
 }
@@ -858,29 +1003,49 @@ static int ak_setup(attn_params *P, const cpu_attn_shape *s, const cuda_rope *ro
     return 0;
 }
 
-static int ak_sm_count(void)
+/* Host-side caches of the decode launch path, per device (decode calls take microseconds on the
+ * GPU, so the host work around a launch matters; a serving engine queues 32 layers of them).
+ * Entries are written with relaxed atomics: two threads racing only repeat a query. */
+#define AK_MAX_DEV 16
+
+static int ak_device(int *dev)
 {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    int d = 0;
+    cudaError_t e = cudaGetDevice(&d);
+    if (e != cudaSuccess) return cuda_hip_fail(e, "cudaGetDevice", __FILE__, __LINE__);
+    *dev = d;
+    return 0;
+}
+
+/* SM count of device dev (queried once per device). */
+static int ak_sm_count(int dev)
+{
+    static int cache[AK_MAX_DEV];
+    int *ce = dev >= 0 && dev < AK_MAX_DEV ? &cache[dev] : NULL;
+    int n = ce ? __atomic_load_n(ce, __ATOMIC_RELAXED) : 0;
+    if (n > 0) return n;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) {
         cudaGetLastError();
         return 132;
     }
-    return n > 0 ? n : 132;
+    if (ce) __atomic_store_n(ce, n, __ATOMIC_RELAXED);
+    return n;
 }
 
 /* Split n_keys over blocks (multiples of `chunk` keys, >= ATTN_NW chunks per split) and get the
  * scratch for the partials. */
-static int ak_decode_split(attn_params *P, long long n_keys, int blocks_per_sm, int chunk,
-                           bool whole_warps, cuda_hip_work *w)
+static int ak_decode_split(attn_params *P, long long n_keys, int blocks_per_sm, int n_sm,
+                           int chunk, bool whole_warps, cuda_hip_work *w)
 {
     if (n_keys < 1) n_keys = 1;
     long long chunks = (n_keys + chunk - 1) / chunk;
     /* one full wave of resident blocks: every split has the same number of keys */
-    long long want = ((long long)blocks_per_sm * ak_sm_count()) / P->hkv;
+    long long want = ((long long)blocks_per_sm * n_sm) / P->hkv;
     if (want < 1) want = 1;
     long long by_size = (n_keys + (long long)ATTN_NW * chunk - 1) / ((long long)ATTN_NW * chunk);
     long long ns = want < by_size ? want : by_size;
     if (ns < 1) ns = 1;
+    if (ns > 4096) ns = 4096; /* the merge keeps 2 floats per split in shared memory */
     long long cps = (chunks + ns - 1) / ns;
     if (whole_warps) cps = (cps + ATTN_NW - 1) / ATTN_NW * ATTN_NW; /* every warp as busy */
     P->keys_per_split = cps * chunk;
@@ -892,74 +1057,79 @@ static int ak_decode_split(attn_params *P, long long n_keys, int blocks_per_sm, 
     return 0;
 }
 
-template <int D, int MAXG, bool DENSE, bool V2, int MINB>
+template <int D, int MAXG, bool DENSE, bool V2, int MINB, bool PRE>
 static int ak_launch_decode_t(attn_params &P, long long n_keys, cuda_hip_work *w, cudaStream_t st)
 {
-    const auto KFN = ak_decode_fn<D, MAXG, DENSE, V2, MINB>();
+    const auto KFN = ak_decode_fn<D, MAXG, DENSE, V2, MINB, PRE>();
     /* CH of the kernel: V2 BSA walks its short list in one-step chunks, ATTN_NW per split */
     const int chunk = (V2 && !DENSE) ? (32 / (D / 8)) * (MAXG >= 8 ? 2 : 4) : ATTN_CHUNK;
     int half = P.inv_freq ? P.n_rot / 2 : 0;
     size_t tab = DENSE ? sizeof(float2) * (size_t)(ATTN_CHUNK + ATTN_NW) * half : 0;
     size_t mrg = sizeof(float) * ((size_t)ATTN_NW * MAXG * (2 + D));
     size_t smem = tab > mrg ? tab : mrg;
-    if (smem > 48 * 1024)
-        CUDA_TRY(cudaFuncSetAttribute(KFN,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    int occ = 0;
-    if (V2) {
-        /* the occupancy query costs host time on every call (decode calls are µs): cache it per
-         * device as (smem << 16 | blocks); a stale entry only changes the split count */
-        static unsigned long long occ_cache[16];
-        int dev = 0;
-        CUDA_TRY(cudaGetDevice(&dev));
-        unsigned long long *ce = dev >= 0 && dev < 16 ? &occ_cache[dev] : NULL;
-        unsigned long long cv = ce ? __atomic_load_n(ce, __ATOMIC_RELAXED) : 0;
-        if (cv && (cv >> 16) == (unsigned long long)smem) {
-            occ = (int)(cv & 0xffffu);
-        } else {
-            CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                &occ, KFN, ATTN_NW * 32, smem));
-            if (ce && occ > 0 && occ < 0x10000)
-                __atomic_store_n(ce, ((unsigned long long)smem << 16) | (unsigned)occ,
-                                 __ATOMIC_RELAXED);
-        }
-    } else {
-        CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &occ, KFN, ATTN_NW * 32, smem));
-    }
-    int rc = ak_decode_split(&P, n_keys, occ > 0 ? occ : 1, chunk, V2 && !DENSE, w);
+    /* per (kernel, device): the dynamic shared memory already allowed (cudaFuncSetAttribute
+     * once, not on every call) and the occupancy of the last smem size as (smem << 16 | blocks);
+     * a stale occupancy would only change the split count, never the result */
+    static int smem_ok[AK_MAX_DEV];
+    static unsigned long long occ_cache[AK_MAX_DEV];
+    int dev = 0;
+    int rc = ak_device(&dev);
     if (rc) return rc;
+    const bool cached = dev >= 0 && dev < AK_MAX_DEV;
+    if (smem > 48 * 1024 &&
+        (!cached || (size_t)__atomic_load_n(&smem_ok[dev], __ATOMIC_RELAXED) < smem)) {
+        CUDA_TRY(cudaFuncSetAttribute(KFN, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        if (cached) __atomic_store_n(&smem_ok[dev], (int)smem, __ATOMIC_RELAXED);
+    }
+    int occ = 0;
+    unsigned long long cv = cached ? __atomic_load_n(&occ_cache[dev], __ATOMIC_RELAXED) : 0;
+    if (cv && (cv >> 16) == (unsigned long long)smem) {
+        occ = (int)(cv & 0xffffu);
+    } else {
+        CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, KFN, ATTN_NW * 32, smem));
+        if (cached && occ > 0 && occ < 0x10000)
+            __atomic_store_n(&occ_cache[dev], ((unsigned long long)smem << 16) | (unsigned)occ,
+                             __ATOMIC_RELAXED);
+    }
+    rc = ak_decode_split(&P, n_keys, occ > 0 ? occ : 1, ak_sm_count(dev), chunk, V2 && !DENSE, w);
+    if (rc) return rc;
+    if constexpr (!DENSE && V2) ak_cs_table(&P, w, dev, st);
     dim3 grid((unsigned)P.n_split, (unsigned)P.hkv);
     KFN<<<grid, ATTN_NW * 32, smem, st>>>(P);
     CUDA_TRY(cudaGetLastError());
-    ak_merge_kernel<<<P.H, D, 0, st>>>(P.part_ml, P.part_acc, P.n_split, D, P.out);
+    ak_merge_kernel<<<P.H, D, ak_merge_smem(P.n_split), st>>>(P.part_ml, P.part_acc, P.n_split,
+                                                             D, P.out);
     CUDA_TRY(cudaGetLastError());
     return 0;
 }
 
-/* MINB4: G <= 4 kernels compiled for 4 blocks per SM (<= 128 registers) */
-template <bool DENSE, bool V2, bool MINB4>
+/* MINB4: G <= 4 kernels compiled for 4 blocks per SM (<= 128 registers); PRE: prefetching
+ * kernels (v4) */
+template <bool DENSE, bool V2, bool MINB4, bool PRE = false>
 static int ak_launch_decode_v(attn_params &P, long long n_keys, cuda_hip_work *w, cudaStream_t st)
 {
     constexpr int MB = MINB4 ? 4 : 1;
     if (P.d == 64) {
-        if (P.G == 1) return ak_launch_decode_t<64, 1, DENSE, V2, MB>(P, n_keys, w, st);
-        if (P.G <= 4) return ak_launch_decode_t<64, 4, DENSE, V2, MB>(P, n_keys, w, st);
-        return ak_launch_decode_t<64, 8, DENSE, V2, 1>(P, n_keys, w, st);
+        if (P.G == 1) return ak_launch_decode_t<64, 1, DENSE, V2, MB, PRE>(P, n_keys, w, st);
+        if (P.G <= 4) return ak_launch_decode_t<64, 4, DENSE, V2, MB, PRE>(P, n_keys, w, st);
+        return ak_launch_decode_t<64, 8, DENSE, V2, 1, PRE>(P, n_keys, w, st);
     }
-    if (P.G == 1) return ak_launch_decode_t<128, 1, DENSE, V2, MB>(P, n_keys, w, st);
-    if (P.G <= 4) return ak_launch_decode_t<128, 4, DENSE, V2, MB>(P, n_keys, w, st);
-    return ak_launch_decode_t<128, 8, DENSE, V2, 1>(P, n_keys, w, st);
+    if (P.G == 1) return ak_launch_decode_t<128, 1, DENSE, V2, MB, PRE>(P, n_keys, w, st);
+    if (P.G <= 4) return ak_launch_decode_t<128, 4, DENSE, V2, MB, PRE>(P, n_keys, w, st);
+    return ak_launch_decode_t<128, 8, DENSE, V2, 1, PRE>(P, n_keys, w, st);
 }
 
 /* Decode kernel version from IHIP_ATTN_DECODE: "v1" the first kernels (for comparison), "v3"
  * v2 with the dense G <= 4 kernels limited to 128 registers (4 blocks per SM instead of 3; BSA
- * as v2), anything else v2. Read on every call so a benchmark or test can switch between calls. */
+ * as v2), "v4" v2 with the dense kernels loading the next step's K/V before the current step's
+ * math (same arithmetic per key as v2; the split count follows its occupancy; BSA as v2),
+ * anything else v2. Read on every call so a benchmark or test can switch between calls. */
 static int ak_decode_version(void)
 {
     const char *e = getenv("IHIP_ATTN_DECODE");
     if (e && !strcmp(e, "v1")) return 1;
     if (e && !strcmp(e, "v3")) return 3;
+    if (e && !strcmp(e, "v4")) return 4;
     return 2;
 }
 
@@ -968,17 +1138,27 @@ static int ak_launch_decode(attn_params &P, long long n_keys, cuda_hip_work *w, 
 {
     int v = ak_decode_version();
     if (v == 1) return ak_launch_decode_v<DENSE, false, false>(P, n_keys, w, st);
-    if constexpr (DENSE)
+    if constexpr (DENSE) {
         if (v == 3) return ak_launch_decode_v<DENSE, true, true>(P, n_keys, w, st);
+        if (v == 4) return ak_launch_decode_v<DENSE, true, false, true>(P, n_keys, w, st);
+    }
     return ak_launch_decode_v<DENSE, true, false>(P, n_keys, w, st);
 }
 
 template <int D, bool DENSE>
 static int ak_launch_prefill_t(const attn_params &P, unsigned nx, int qt, int nsub, cudaStream_t st)
 {
-    size_t smem = ak_prefill_smem<D>();
-    CUDA_TRY(cudaFuncSetAttribute(ak_prefill_kernel<D, DENSE>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    size_t smem = ak_prefill_smem<D>(); /* constant per kernel: allowed once per device */
+    static int smem_ok[AK_MAX_DEV];
+    int dev = 0;
+    int rc = ak_device(&dev);
+    if (rc) return rc;
+    const bool cached = dev >= 0 && dev < AK_MAX_DEV;
+    if (!cached || !__atomic_load_n(&smem_ok[dev], __ATOMIC_RELAXED)) {
+        CUDA_TRY(cudaFuncSetAttribute(ak_prefill_kernel<D, DENSE>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        if (cached) __atomic_store_n(&smem_ok[dev], 1, __ATOMIC_RELAXED);
+    }
     dim3 grid(nx, (unsigned)P.hkv);
     ak_prefill_kernel<D, DENSE><<<grid, ATTN_PF_THREADS, smem, st>>>(P, qt, nsub);
     CUDA_TRY(cudaGetLastError());

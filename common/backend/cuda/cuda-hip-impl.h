@@ -19,6 +19,10 @@ enum cuda_hip_slot {
 struct cuda_hip_work {
     void *buf[CUDA_SLOT_COUNT];
     size_t cap[CUDA_SLOT_COUNT];
+    /* what the BSA decode cos/sin table (attn-kernels.cuh, slot CUDA_SLOT_ATTN0 + 2) was built
+     * for: the rope's inv_freq_dev, n_rot and the device (key NULL = not built) */
+    const void *cs_key;
+    int cs_nrot, cs_dev;
 };
 
 /* Device buffer of slot `slot` with at least `bytes` bytes (grown with cudaMalloc, contents not

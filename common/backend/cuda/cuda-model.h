@@ -5,9 +5,9 @@
  * uploaded from an already-loaded CPU model (each GGUF tensor dequantised on the host with the
  * tn_* functions of common/tensor, then rounded to bf16), or generated on the GPU from a hash of
  * (seed, tensor, index) for benchmarking without a file. A cuda_ctx owns the KV caches of up to
- * n_seq sequences (bf16, keys UN-ROTATED, shared/HIP.md §4) and the scratch of one forward; it
- * runs prefill (chunks of up to n_chunk tokens of one sequence), decode (one token of one
- * sequence) and batched decode (one token of each of B sequences: every GEMM has B rows,
+ * n_seq sequences (bf16 or fp8 e4m3, keys UN-ROTATED, shared/HIP.md §4) and the scratch of one
+ * forward; it runs prefill (chunks of up to n_chunk tokens of one sequence), decode (one token of
+ * one sequence) and batched decode (one token of each of B sequences: every GEMM has B rows,
  * attention runs per sequence). Attention is cuda_attn_dense (cuda-hip.h), or HiP
  * (cuda_hip_mask_estimate + cuda_hip_bsa with the refresh schedule of common/hip's provider)
  * when the context is given a hip_config.
@@ -28,6 +28,7 @@
 #include "../../base/cm.h"
 #include "../../hip/hip.h"
 #include "../../model/model.h"
+#include "cuda-hip.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -105,7 +106,18 @@ typedef struct cuda_ctx_params {
     int n_seq;             /* sequences (KV caches) of the context, also the largest decode batch
                             * (0 = 1) */
     const hip_config *hip; /* NULL = dense attention; else HiP with this config (copied) */
+    /* KV cache element type: CUDA_KV_BF16 (default) or CUDA_KV_FP8 (e4m3, half the memory:
+     * what lets 1M tokens of an 8B model fit on one GPU). fp8 stores round(k / k_scale) with
+     * saturation to ±448, so |k| up to 448·k_scale is representable with a relative error
+     * ≤ 2^-4; values below 2^-6·k_scale lose relative precision (subnormals). */
+    int kv_dtype;     /* enum cuda_kv_dtype (cuda-hip.h) */
+    float kv_k_scale; /* fp8 only: value = stored × scale (0 = CUDA_KV_FP8_SCALE) */
+    float kv_v_scale; /* fp8 only (0 = CUDA_KV_FP8_SCALE) */
 } cuda_ctx_params;
+
+/* Default fp8 per-tensor scale: K/V of order one (what RMS-normed activations times 1/sqrt(n_in)
+ * weights give) keep full relative precision, and magnitudes up to 28 fit. */
+#define CUDA_KV_FP8_SCALE (1.0f / 16.0f)
 
 CM_API cuda_ctx_params cuda_ctx_default_params(void);
 
@@ -120,6 +132,20 @@ CM_API void cuda_ctx_reset(cuda_ctx *c, int seq);
 CM_API int64_t cuda_ctx_n_past(const cuda_ctx *c, int seq);
 /* The attention in use: "dense" or "hip". */
 CM_API const char *cuda_ctx_attn_name(const cuda_ctx *c);
+/* Bytes of GPU memory the KV caches take (all layers, K and V, n_seq × n_ctx tokens). */
+CM_API size_t cuda_ctx_kv_bytes(const cuda_ctx *c);
+
+/* FOR BENCHMARKS ONLY. Fill rows [0, n_tokens) of sequence seq's KV cache, in every layer, with
+ * deterministic pseudo-random K and V (a hash of seed, layer, K/V and index: roughly N(0, 1),
+ * like the K/V of this model's forward; not a real prompt's cache), then set n_past = n_tokens
+ * and reset the sequence's HiP state so that the next decode step runs a full mask refresh.
+ * This is the allowance of issue 7 ("a benchmark tool may fill the store with synthetic K/V of
+ * the right geometry directly — say so in the results"): it lets a decode benchmark start at
+ * 1M tokens without a 1M-token prefill. Results obtained this way must say so.
+ * Errors: -EINVAL (bad seq), -CM_ELIMIT (n_tokens outside [0, n_ctx]), CUDA errors.
+ * Synchronizes the context's stream. */
+CM_API int cuda_ctx_fill_synthetic(cuda_ctx *c, int seq, int64_t n_tokens, uint64_t seed,
+                                   cm_err *err);
 
 /* Append n tokens to sequence seq (chunks of n_chunk) and copy the f32 logits of the last one
  * to logits[n_vocab] (may be NULL). Errors: -EINVAL (bad seq, token id or n ≤ 0), -CM_ELIMIT

@@ -6,7 +6,8 @@
  *   x = embed(tokens)                                             f32 [n][E]
  *   per layer:  xn = bf16(rmsnorm(x) * attn_norm)
  *               qkv = xn · Wqkvᵀ  (one GEMM)                      f32 [n][qd + 2 kvd]
- *               q ← qkv[:, :qd];  K/V cache[slot(row)] ← bf16(k), bf16(v)  (keys un-rotated)
+ *               q ← qkv[:, :qd];  K/V cache[slot(row)] ← bf16(k), bf16(v)  (keys un-rotated;
+ *               an fp8 cache stores e4m3(k / k_scale), e4m3(v / v_scale) instead)
  *               ao = attention(q) per sequence (cuda_attn_dense, or HiP mask + BSA)
  *               x += bf16(ao) · Woᵀ  (GEMM with beta = 1: the residual add is free)
  *               xn = bf16(rmsnorm(x) * ffn_norm);  gu = xn · [Wgate ‖ Wup]ᵀ
@@ -26,6 +27,7 @@
 #include "model-impl.cuh"
 
 #include <cublas_v2.h>
+#include <cuda_fp8.h>
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -45,7 +47,11 @@ struct cuda_ctx {
     cpu_attn_shape shape;
     cuda_hip_work *work;
     int64_t *n_past; /* host [n_seq] */
-    bf16 **k, **v;   /* host [n_layer] → device [n_seq][n_ctx][n_head_kv][head_dim] */
+    void **k, **v;   /* host [n_layer] → device [n_seq][n_ctx][n_head_kv][head_dim] of kv_dtype */
+    int kv_dtype;    /* enum cuda_kv_dtype */
+    size_t kv_elem;  /* bytes of one K/V element: 2 (bf16) or 1 (fp8) */
+    float k_scale, v_scale; /* fp8: value = stored × scale (1 for bf16) */
+    size_t kv_bytes;        /* all layers, K and V */
 
     /* scratch (device), rows × ... */
     float *x;           /* [rows][E] residual stream */
@@ -116,11 +122,25 @@ static __global__ void rms_norm_bf16_kernel(const float *__restrict__ x,
         yr[i] = __float2bfloat16_rn(xr[i] * scale * g[i]);
 }
 
-/* Row t of qkv: q → q[t] (f32), k and v → cache slot slot[t] (bf16, keys NOT rotated). */
+/* One K/V element into the cache: bf16 (inv_scale unused), or fp8 e4m3 of x · inv_scale
+ * (round to nearest even, saturating to ±448 rather than NaN). */
+static __device__ __forceinline__ void kv_put(bf16 *p, float x, float)
+{
+    *p = __float2bfloat16_rn(x);
+}
+
+static __device__ __forceinline__ void kv_put(uint8_t *p, float x, float inv_scale)
+{
+    *p = (uint8_t)__nv_cvt_float_to_fp8(x * inv_scale, __NV_SATFINITE, __NV_E4M3);
+}
+
+/* Row t of qkv: q → q[t] (f32), k and v → cache slot slot[t] (T = bf16 or fp8 bytes; keys NOT
+ * rotated). */
+template <typename T>
 static __global__ void qkv_store_kernel(const float *__restrict__ qkv,
                                         const int64_t *__restrict__ slot, float *__restrict__ q,
-                                        bf16 *__restrict__ kc, bf16 *__restrict__ vc, int64_t qd,
-                                        int64_t kvd)
+                                        T *__restrict__ kc, T *__restrict__ vc, int64_t qd,
+                                        int64_t kvd, float k_inv, float v_inv)
 {
     const int64_t t = blockIdx.x;
     const float *r = qkv + t * (qd + 2 * kvd);
@@ -128,8 +148,36 @@ static __global__ void qkv_store_kernel(const float *__restrict__ qkv,
         q[t * qd + j] = r[j];
     const int64_t s = slot[t];
     for (int64_t j = threadIdx.x; j < kvd; j += blockDim.x) {
-        kc[s * kvd + j] = __float2bfloat16_rn(r[qd + j]);
-        vc[s * kvd + j] = __float2bfloat16_rn(r[qd + kvd + j]);
+        kv_put(&kc[s * kvd + j], r[qd + j], k_inv);
+        kv_put(&vc[s * kvd + j], r[qd + kvd + j], v_inv);
+    }
+}
+
+/* Benchmark fill: element i of rows [0, n) of one layer's K and V ← roughly N(0, 1): the sum
+ * of the four 16-bit quarters of one 64-bit hash, each uniform in [-1, 1), times sqrt(3)/2
+ * (Irwin–Hall with 4 terms: variance 1, |x| ≤ 3.47). */
+static __device__ __forceinline__ float fill_value(uint64_t key, int64_t i)
+{
+    uint64_t h = key + (uint64_t)i * 0x9E3779B97F4A7C15ULL;
+    h ^= h >> 30;
+    h *= 0xbf58476d1ce4e5b9ULL;
+    h ^= h >> 27;
+    h *= 0x94d049bb133111ebULL;
+    h ^= h >> 31;
+    float s = 0.0f;
+    for (int j = 0; j < 4; j++)
+        s += (float)((h >> (16 * j)) & 0xffffu) * (1.0f / 32768.0f) - 1.0f;
+    return s * 0.8660254f;
+}
+
+template <typename T>
+static __global__ void kv_fill_kernel(T *__restrict__ kc, T *__restrict__ vc, int64_t n,
+                                      uint64_t k_key, uint64_t v_key, float k_inv, float v_inv)
+{
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        kv_put(&kc[i], fill_value(k_key, i), k_inv);
+        kv_put(&vc[i], fill_value(v_key, i), v_inv);
     }
 }
 
@@ -188,13 +236,15 @@ static int gemm(cuda_ctx *c, const bf16 *W, int64_t n_out, int64_t n_in, const b
 static cuda_kv_view kv_view(const cuda_ctx *c, int il, int seq, int64_t n_kv)
 {
     const mdl_hparams *hp = &c->m->hp;
-    size_t off = (size_t)seq * (size_t)c->n_ctx * (size_t)(hp->n_head_kv * hp->head_dim);
+    size_t off = (size_t)seq * (size_t)c->n_ctx * (size_t)(hp->n_head_kv * hp->head_dim) *
+                 c->kv_elem; /* bytes */
     cuda_kv_view kv;
     memset(&kv, 0, sizeof(kv));
-    kv.k_dev = c->k[il] + off;
-    kv.v_dev = c->v[il] + off;
-    kv.dtype = CUDA_KV_BF16;
-    kv.k_scale = kv.v_scale = 1.0f;
+    kv.k_dev = (const char *)c->k[il] + off;
+    kv.v_dev = (const char *)c->v[il] + off;
+    kv.dtype = c->kv_dtype;
+    kv.k_scale = c->k_scale;
+    kv.v_scale = c->v_scale;
     kv.page_dev = NULL;
     kv.page_tokens = 0;
     kv.n_kv = n_kv;
@@ -300,8 +350,13 @@ static int forward(cuda_ctx *c, int64_t n, const struct att_group *g, int n_g, i
         rms_norm_bf16_kernel<<<(unsigned)n, 256, 0, st>>>(c->x, L->attn_norm, c->xn, E,
                                                           hp->rms_eps);
         TRY(gemm(c, L->wqkv, W, E, c->xn, n, c->qkv, W, 0.0f));
-        qkv_store_kernel<<<(unsigned)n, 256, 0, st>>>(c->qkv, c->slot_dev, c->q, c->k[il], c->v[il],
-                                                      qd, kvd);
+        if (c->kv_dtype == CUDA_KV_FP8)
+            qkv_store_kernel<<<(unsigned)n, 256, 0, st>>>(
+                c->qkv, c->slot_dev, c->q, (uint8_t *)c->k[il], (uint8_t *)c->v[il], qd, kvd,
+                1.0f / c->k_scale, 1.0f / c->v_scale);
+        else
+            qkv_store_kernel<<<(unsigned)n, 256, 0, st>>>(
+                c->qkv, c->slot_dev, c->q, (bf16 *)c->k[il], (bf16 *)c->v[il], qd, kvd, 1.0f, 1.0f);
         TRY(cuerr(cudaGetLastError()));
         for (int i = 0; i < n_g; i++) {
             rc = attend(c, il, g[i].seq, c->q + g[i].row0 * qd, g[i].pos0, g[i].n,
@@ -393,6 +448,19 @@ extern "C" cuda_ctx *cuda_ctx_init(const cuda_model *m, const cuda_ctx_params *p
                    (long long)p.n_ctx, p.n_seq, (long long)p.n_chunk);
         return NULL;
     }
+    if (p.kv_dtype != CUDA_KV_BF16 && p.kv_dtype != CUDA_KV_FP8) {
+        cm_err_set(err, -EINVAL, "cuda context: unknown KV dtype %d (0 = bf16, 1 = fp8 e4m3)",
+                   p.kv_dtype);
+        return NULL;
+    }
+    if (p.kv_k_scale == 0.0f) p.kv_k_scale = CUDA_KV_FP8_SCALE;
+    if (p.kv_v_scale == 0.0f) p.kv_v_scale = CUDA_KV_FP8_SCALE;
+    if (p.kv_dtype == CUDA_KV_FP8 && !(p.kv_k_scale > 1e-30f && p.kv_k_scale < 1e30f &&
+                                       p.kv_v_scale > 1e-30f && p.kv_v_scale < 1e30f)) {
+        cm_err_set(err, -EINVAL, "cuda context: fp8 KV scales must be positive and finite (%g, %g)",
+                   (double)p.kv_k_scale, (double)p.kv_v_scale);
+        return NULL;
+    }
     const int n_layer = (int)hp->n_layer;
     if (p.hip && hip_config_validate(p.hip, n_layer, err) < 0) return NULL;
     if (cudaSetDevice(m->dev) != cudaSuccess) {
@@ -404,7 +472,8 @@ extern "C" cuda_ctx *cuda_ctx_init(const cuda_model *m, const cuda_ctx_params *p
     const int64_t E = hp->n_embd, qd = hp->n_head * hp->head_dim,
                   kvd = hp->n_head_kv * hp->head_dim;
     const int64_t F = hp->n_ff, V = hp->n_vocab;
-    size_t R, kv_bytes;
+    size_t R, kv_bytes = 0;
+    const size_t kv_elem = p.kv_dtype == CUDA_KV_FP8 ? 1 : 2;
     cpu_rope cr;
     const char *what = "host memory";
     int rc;
@@ -413,6 +482,10 @@ extern "C" cuda_ctx *cuda_ctx_init(const cuda_model *m, const cuda_ctx_params *p
     c->n_ctx = p.n_ctx;
     c->n_chunk = p.n_chunk;
     c->n_seq = p.n_seq;
+    c->kv_dtype = p.kv_dtype;
+    c->kv_elem = kv_elem;
+    c->k_scale = p.kv_dtype == CUDA_KV_FP8 ? p.kv_k_scale : 1.0f;
+    c->v_scale = p.kv_dtype == CUDA_KV_FP8 ? p.kv_v_scale : 1.0f;
     c->rows = CM_MAX(p.n_chunk, (int64_t)p.n_seq);
     R = (size_t)c->rows;
     c->shape.n_head = (int)hp->n_head;
@@ -442,15 +515,36 @@ extern "C" cuda_ctx *cuda_ctx_init(const cuda_model *m, const cuda_ctx_params *p
     }
     c->work = cuda_hip_work_init();
     c->n_past = (int64_t *)calloc((size_t)p.n_seq, sizeof(int64_t));
-    c->k = (bf16 **)calloc((size_t)n_layer, sizeof(bf16 *));
-    c->v = (bf16 **)calloc((size_t)n_layer, sizeof(bf16 *));
+    c->k = (void **)calloc((size_t)n_layer, sizeof(void *));
+    c->v = (void **)calloc((size_t)n_layer, sizeof(void *));
     c->tok_host = (int32_t *)malloc(sizeof(int32_t) * R);
     c->slot_host = (int64_t *)malloc(sizeof(int64_t) * R);
     if (!c->work || !c->n_past || !c->k || !c->v || !c->tok_host || !c->slot_host) goto oom;
-    what = "GPU memory for the KV cache";
-    kv_bytes = sizeof(bf16) * (size_t)p.n_seq * (size_t)p.n_ctx * (size_t)kvd;
+    /* the KV cache: 2 × n_layer buffers of n_seq × n_ctx tokens, allocated here only */
+    kv_bytes = kv_elem * (size_t)p.n_seq * (size_t)p.n_ctx * (size_t)kvd; /* one layer's K */
+    c->kv_bytes = 2 * (size_t)n_layer * kv_bytes;
     for (int il = 0; il < n_layer; il++)
-        if (dalloc((void **)&c->k[il], kv_bytes) || dalloc((void **)&c->v[il], kv_bytes)) goto oom;
+        for (int kv = 0; kv < 2; kv++) {
+            void **dst = kv ? &c->v[il] : &c->k[il];
+            cudaError_t e = cudaMalloc(dst, kv_bytes);
+            if (e != cudaSuccess) {
+                cudaGetLastError();
+                *dst = NULL;
+                size_t fr = 0, tot = 0;
+                cudaMemGetInfo(&fr, &tot);
+                cm_err_set(err, -ENOMEM,
+                           "cuda context: cannot allocate the %s KV cache: %zu bytes (%.2f GiB = "
+                           "%d layers × K,V × %d sequences × %lld tokens × %lld × %zu B; failed "
+                           "at layer %d %s, %.2f GiB of %.2f GiB free on the GPU%s): %s",
+                           kv_elem == 1 ? "fp8" : "bf16", c->kv_bytes,
+                           (double)c->kv_bytes / 1073741824.0, n_layer, p.n_seq, (long long)p.n_ctx,
+                           (long long)kvd, kv_elem, il, kv ? "V" : "K", (double)fr / 1073741824.0,
+                           (double)tot / 1073741824.0,
+                           kv_elem == 2 ? "; an fp8 cache takes half" : "", cudaGetErrorString(e));
+                cuda_ctx_free(c);
+                return NULL;
+            }
+        }
     what = "GPU memory for the scratch";
     if (dalloc((void **)&c->x, 4 * R * E) || dalloc((void **)&c->xn, 2 * R * E) ||
         dalloc((void **)&c->qkv, 4 * R * (size_t)(qd + 2 * kvd)) ||
@@ -491,7 +585,8 @@ oom:
                "cuda context: cannot allocate %s (n_ctx %lld × %d sequences: KV "
                "cache %.1f MiB)",
                what, (long long)p.n_ctx, p.n_seq,
-               (double)n_layer * 2 * (double)kvd * 2 * (double)p.n_ctx * p.n_seq / 1048576.0);
+               (double)n_layer * 2 * (double)kvd * (double)kv_elem * (double)p.n_ctx * p.n_seq /
+                   1048576.0);
     cuda_ctx_free(c);
     return NULL;
 }
@@ -563,6 +658,47 @@ extern "C" int64_t cuda_ctx_n_past(const cuda_ctx *c, int seq)
 extern "C" const char *cuda_ctx_attn_name(const cuda_ctx *c)
 {
     return c->hip ? "hip" : "dense";
+}
+
+extern "C" size_t cuda_ctx_kv_bytes(const cuda_ctx *c)
+{
+    return c ? c->kv_bytes : 0;
+}
+
+extern "C" int cuda_ctx_fill_synthetic(cuda_ctx *c, int seq, int64_t n_tokens, uint64_t seed,
+                                       cm_err *err)
+{
+    if (!c) return cm_err_set(err, -EINVAL, "no context");
+    if (seq < 0 || seq >= c->n_seq)
+        return cm_err_set(err, -EINVAL, "sequence %d is outside [0, %d)", seq, c->n_seq);
+    if (n_tokens < 0 || n_tokens > c->n_ctx)
+        return cm_err_set(err, -CM_ELIMIT, "synthetic fill of %lld tokens outside [0, n_ctx %lld]",
+                          (long long)n_tokens, (long long)c->n_ctx);
+    if (cudaSetDevice(c->m->dev) != cudaSuccess)
+        return cm_err_set(err, -ENODEV, "cannot use the GPU");
+    const mdl_hparams *hp = &c->m->hp;
+    const int n_layer = (int)hp->n_layer;
+    const int64_t kvd = hp->n_head_kv * hp->head_dim, n = n_tokens * kvd;
+    const size_t off = (size_t)seq * (size_t)c->n_ctx * (size_t)kvd * c->kv_elem;
+    const float k_inv = 1.0f / c->k_scale, v_inv = 1.0f / c->v_scale;
+    cudaError_t e = cudaSuccess;
+    for (int il = 0; il < n_layer && n > 0 && e == cudaSuccess; il++) {
+        uint64_t key = seed * 0xD1B54A32D192ED03ULL + (uint64_t)il * 0x2545F4914F6CDD1DULL;
+        if (c->kv_dtype == CUDA_KV_FP8)
+            kv_fill_kernel<<<grid_for(n), 256, 0, c->stream>>>(
+                (uint8_t *)c->k[il] + off, (uint8_t *)c->v[il] + off, n, key, ~key, k_inv, v_inv);
+        else
+            kv_fill_kernel<<<grid_for(n), 256, 0, c->stream>>>((bf16 *)((char *)c->k[il] + off),
+                                                               (bf16 *)((char *)c->v[il] + off), n,
+                                                               key, ~key, 1.0f, 1.0f);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess) e = cudaStreamSynchronize(c->stream);
+    if (e != cudaSuccess)
+        return cm_err_set(err, CUDA_ERR(e), "synthetic KV fill: %s", cudaGetErrorString(e));
+    cuda_ctx_reset(c, seq);
+    c->n_past[seq] = n_tokens;
+    return 0;
 }
 
 static int check_tokens(const cuda_ctx *c, int seq, const int32_t *tokens, int64_t n, cm_err *err)
