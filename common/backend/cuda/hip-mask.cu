@@ -890,24 +890,34 @@ static bool mask_same_geometry(const cuda_hip_mask *m, const hip_mask *h)
     return true;
 }
 
+/* Copy every array of a mask between the GPU and the host (direction `kind`), then wait for
+ * the stream: the host buffers must stay valid until the copies ran. */
+static int mask_copy(const cuda_hip_mask *m, const hip_mask *h, cudaMemcpyKind kind,
+                     cudaStream_t st)
+{
+    const bool down = kind == cudaMemcpyDeviceToHost;
+    const size_t nb = (size_t)m->max_qblk;
+#define MASK_COPY(dev, host, bytes)                                                               \
+    CUDA_TRY(cudaMemcpyAsync(down ? (void *)(host) : (void *)(dev),                              \
+                             down ? (const void *)(dev) : (const void *)(host), (bytes), kind, st))
+    MASK_COPY(m->idx_dev, h->idx, sizeof(int64_t) * nb * (size_t)m->kb);
+    MASK_COPY(m->ks_dev, h->ks, sizeof(int32_t) * nb);
+    for (int s = 1; s < m->n_stages; s++) {
+        size_t n = nb * (size_t)m->cand_cap[s];
+        MASK_COPY(m->cand_L_dev[s], h->cand_L[s], sizeof(int64_t) * n);
+        MASK_COPY(m->cand_R_dev[s], h->cand_R[s], sizeof(int64_t) * n);
+        MASK_COPY(m->cand_n_dev[s], h->cand_n[s], sizeof(int32_t) * nb);
+    }
+#undef MASK_COPY
+    CUDA_TRY(cudaStreamSynchronize(st));
+    return 0;
+}
+
 int cuda_hip_mask_download(const cuda_hip_mask *m, hip_mask *out, void *stream)
 {
     if (!m || !out || !mask_same_geometry(m, out)) return -EINVAL;
-    cudaStream_t st = (cudaStream_t)stream;
-    const size_t nb = (size_t)m->max_qblk;
-    CUDA_TRY(cudaMemcpyAsync(out->idx, m->idx_dev, sizeof(int64_t) * nb * (size_t)m->kb,
-                             cudaMemcpyDeviceToHost, st));
-    CUDA_TRY(cudaMemcpyAsync(out->ks, m->ks_dev, sizeof(int32_t) * nb, cudaMemcpyDeviceToHost, st));
-    for (int s = 1; s < m->n_stages; s++) {
-        size_t n = nb * (size_t)m->cand_cap[s];
-        CUDA_TRY(cudaMemcpyAsync(out->cand_L[s], m->cand_L_dev[s], sizeof(int64_t) * n,
-                                 cudaMemcpyDeviceToHost, st));
-        CUDA_TRY(cudaMemcpyAsync(out->cand_R[s], m->cand_R_dev[s], sizeof(int64_t) * n,
-                                 cudaMemcpyDeviceToHost, st));
-        CUDA_TRY(cudaMemcpyAsync(out->cand_n[s], m->cand_n_dev[s], sizeof(int32_t) * nb,
-                                 cudaMemcpyDeviceToHost, st));
-    }
-    CUDA_TRY(cudaStreamSynchronize(st));
+    int rc = mask_copy(m, out, cudaMemcpyDeviceToHost, (cudaStream_t)stream);
+    if (rc) return rc;
     out->n_qblk = m->n_qblk;
     out->pos0 = m->pos0;
     return 0;
@@ -916,22 +926,8 @@ int cuda_hip_mask_download(const cuda_hip_mask *m, hip_mask *out, void *stream)
 int cuda_hip_mask_upload(cuda_hip_mask *m, const hip_mask *in, void *stream)
 {
     if (!m || !in || !mask_same_geometry(m, in)) return -EINVAL;
-    cudaStream_t st = (cudaStream_t)stream;
-    const size_t nb = (size_t)m->max_qblk;
-    CUDA_TRY(cudaMemcpyAsync(m->idx_dev, in->idx, sizeof(int64_t) * nb * (size_t)m->kb,
-                             cudaMemcpyHostToDevice, st));
-    CUDA_TRY(cudaMemcpyAsync(m->ks_dev, in->ks, sizeof(int32_t) * nb, cudaMemcpyHostToDevice, st));
-    for (int s = 1; s < m->n_stages; s++) {
-        size_t n = nb * (size_t)m->cand_cap[s];
-        CUDA_TRY(cudaMemcpyAsync(m->cand_L_dev[s], in->cand_L[s], sizeof(int64_t) * n,
-                                 cudaMemcpyHostToDevice, st));
-        CUDA_TRY(cudaMemcpyAsync(m->cand_R_dev[s], in->cand_R[s], sizeof(int64_t) * n,
-                                 cudaMemcpyHostToDevice, st));
-        CUDA_TRY(cudaMemcpyAsync(m->cand_n_dev[s], in->cand_n[s], sizeof(int32_t) * nb,
-                                 cudaMemcpyHostToDevice, st));
-    }
-    /* the host buffers must stay valid until the copies ran */
-    CUDA_TRY(cudaStreamSynchronize(st));
+    int rc = mask_copy(m, in, cudaMemcpyHostToDevice, (cudaStream_t)stream);
+    if (rc) return rc;
     m->n_qblk = in->n_qblk;
     m->pos0 = in->pos0;
     return 0;
