@@ -35,6 +35,7 @@ struct pending {
 struct kvstore_cuda {
     kvstore *kv;
     bool registered;
+    uint8_t *pool_dev; /* the registered pool's device address */
     uint8_t *staging;  /* n_staging × staging_stride pinned bytes */
     uint64_t staging_stride;
     uint32_t n_staging;
@@ -73,6 +74,11 @@ int kvstore_cuda_init(kvstore *kv, uint32_t n_staging, kvstore_cuda **out, cm_er
         goto fail;
     }
     c->registered = true;
+    e = cudaHostGetDevicePointer((void **)&c->pool_dev, kv->pool, 0);
+    if (e != cudaSuccess) {
+        rc = cuda_fail(err, e, "cudaHostGetDevicePointer of the segment pool");
+        goto fail;
+    }
     e = cudaHostAlloc((void **)&c->staging, (size_t)n_staging * c->staging_stride,
                       cudaHostAllocPortable);
     if (e != cudaSuccess) {
@@ -112,6 +118,23 @@ int kvstore_cuda_init(kvstore *kv, uint32_t n_staging, kvstore_cuda **out, cm_er
 fail:
     kvstore_cuda_free(c);
     return rc;
+}
+
+int kvstore_cuda_block_addr(kvstore_cuda *c, const kvstore_lease *lease, uint32_t tb,
+                            uint32_t layer, uint64_t *dev_addr, cm_err *err)
+{
+    kvstore *kv = c->kv;
+    uint32_t b = 0;
+    int rc = kvs_block_resolve(kv, lease, tb, layer, &b, err);
+    if (rc) return rc;
+    uint64_t w = atomic_load_explicit(&kv->blocks[b].locw, memory_order_acquire);
+    uint32_t tier = kvs_locw_tier(w), slot = kvs_locw_slot(w);
+    if (tier != KVS_TIER_RAM || slot >= kv->L.n_ram)
+        return cm_err_set(err, -KVSTORE_ESTATE,
+                          "kvstore cuda: block (token block %u, layer %u) is not in the RAM tier",
+                          tb, layer);
+    *dev_addr = (uint64_t)(uintptr_t)(c->pool_dev + (uint64_t)slot * kv->L.slot_stride);
+    return 0;
 }
 
 void kvstore_cuda_free(kvstore_cuda *c)

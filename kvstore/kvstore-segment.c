@@ -82,6 +82,7 @@ static uint32_t dtype_size(uint32_t dt)
     case KVSTORE_DTYPE_F32: return 4;
     case KVSTORE_DTYPE_F16: return 2;
     case KVSTORE_DTYPE_BF16: return 2;
+    case KVSTORE_DTYPE_F8_E4M3: return 1;
     default: return 0;
     }
 }

@@ -66,7 +66,14 @@ CM_API const char *kvstore_strerror(int code);
 /* ---- geometry and parameters ------------------------------------------------------------- */
 
 /* Element types (numbering follows tn_type / GGUF so it can be passed through unchanged). */
-enum kvstore_dtype { KVSTORE_DTYPE_F32 = 0, KVSTORE_DTYPE_F16 = 1, KVSTORE_DTYPE_BF16 = 30 };
+enum kvstore_dtype {
+    KVSTORE_DTYPE_F32 = 0,
+    KVSTORE_DTYPE_F16 = 1,
+    KVSTORE_DTYPE_BF16 = 30,
+    KVSTORE_DTYPE_F8_E4M3 = 100, /* fp8 e4m3 bytes (GPU workers; value = byte × the fixed scale
+                                    CUDA_KV_FP8_SCALE of cuda-model.h); the CPU path reads only
+                                    F32/F16/BF16 */
+};
 
 typedef struct kvstore_geometry {
     uint64_t model_fingerprint; /* identifies model + KV layout; seeds the prefix hashes */
@@ -334,6 +341,14 @@ CM_API int kvstore_cuda_page(kvstore_cuda *c, const kvstore_lease *lease, kvstor
 /* Wait for the queued copies, validate them, redo the ones whose block moved. Returns 0 or
  * the first failing copy's code. */
 CM_API int kvstore_cuda_wait(kvstore_cuda *c, cm_err *err);
+/* The device address (for kernels that read host memory over the bus) of block (tb, layer) of
+ * a leased sequence, when it is in the RAM tier: the segment pool is registered by
+ * kvstore_cuda_init. -KVSTORE_ESTATE when the block is in the spill tier (read it with the pager
+ * into memory of your own). The address stays valid while the lease is held and the block is not
+ * spilled: a decode worker that reads blocks in place keeps the RAM tier large enough for the
+ * sequences it serves (the store spills least-recently-used blocks only under pressure). */
+CM_API int kvstore_cuda_block_addr(kvstore_cuda *c, const kvstore_lease *lease, uint32_t tb,
+                                   uint32_t layer, uint64_t *dev_addr, cm_err *err);
 
 #ifdef __cplusplus
 }

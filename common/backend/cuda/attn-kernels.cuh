@@ -18,6 +18,9 @@
  * cos/sin table of distances < AK_CS_POS (ak_cs_table) or directly beyond (v1: absolute
  * angles, computed directly).
  *
+ * K/V rows are found through ak_rows -> cuda_kv_rows (cuda-hip-impl.h), the one place that
+ * knows the three addressings of cuda_kv_view (contiguous, slot pages, page pointers).
+ *
  * Prefill (many queries): FlashAttention-2-style fp32 tiles: 64 rows (queries x heads of the
  * group) x 64 keys per step, 256 threads each owning 4x4 scores and 4 rows x D/16 outputs.
  */
@@ -41,12 +44,10 @@ enum { AK_SINK = 0, AK_SEL = 1, AK_WIN = 2, AK_DENSE = 3, AK_NONE = 4 };
 
 /* Everything a kernel needs about K/V, RoPE and the BSA key list. Passed by value. */
 struct attn_params {
-    /* K/V */
-    const void *k, *v;
+    /* K/V: addressing (cuda_kv_rows), element type */
+    cuda_kv_addr kv;
     int dtype;
     float k_scale, v_scale;
-    const int32_t *page;
-    int page_tokens;
     long long T;
     int hkv, d, H, G;
     float scale;
@@ -79,10 +80,12 @@ struct attn_params {
 
 /* ---- small device helpers ------------------------------------------------------------------- */
 
-static __device__ __forceinline__ long long ak_slot(const attn_params &P, long long t)
+/* Byte addresses of the K and V rows (element 0) of token t, KV head g: any of the three
+ * addressings of cuda_kv_view (cuda-hip-impl.h, cuda_kv_rows). */
+static __device__ __forceinline__ void ak_rows(const attn_params &P, long long t, int g,
+                                               const uint8_t **kp, const uint8_t **vp)
 {
-    if (!P.page) return t;
-    return (long long)P.page[t / P.page_tokens] * P.page_tokens + t % P.page_tokens;
+    cuda_kv_rows(P.kv, t, g, kp, vp);
 }
 
 static __device__ __forceinline__ float ak_fp8(uint32_t b)
@@ -92,13 +95,11 @@ static __device__ __forceinline__ float ak_fp8(uint32_t b)
     return __uint_as_float(__float_as_uint(v) | sign);
 }
 
-/* Raw 8 elements (16 bytes bf16 / 8 bytes fp8) at element e of token slot, KV head g. */
-static __device__ __forceinline__ uint4 ak_load_raw(const attn_params &P, const void *base,
-                                                    long long slot, int g, int e)
+/* Raw 8 elements (16 bytes bf16 / 8 bytes fp8) at element e of a row from ak_rows. */
+static __device__ __forceinline__ uint4 ak_load_raw(const attn_params &P, const uint8_t *row, int e)
 {
-    size_t off = ((size_t)slot * (size_t)P.hkv + (size_t)g) * (size_t)P.d + (size_t)e;
-    if (P.dtype == CUDA_KV_BF16) return __ldg((const uint4 *)((const uint16_t *)base + off));
-    uint2 r = __ldg((const uint2 *)((const uint8_t *)base + off));
+    if (P.dtype == CUDA_KV_BF16) return __ldg((const uint4 *)((const uint16_t *)row + e));
+    uint2 r = __ldg((const uint2 *)(row + e));
     return make_uint4(r.x, r.y, 0u, 0u);
 }
 
@@ -424,9 +425,10 @@ static __device__ __forceinline__ void ak_decode_body(const attn_params &P)
                 ok[u] = set != AK_NONE && ak_valid(P, set, t, p);
                 vp[u] = vpos;
                 if (ok[u]) {
-                    long long slot = ak_slot(P, t);
-                    kr[u] = ak_load_raw(P, P.k, slot, g, e0);
-                    vr[u] = ak_load_raw(P, P.v, slot, g, e0);
+                    const uint8_t *kp, *vq;
+                    ak_rows(P, t, g, &kp, &vq);
+                    kr[u] = ak_load_raw(P, kp, e0);
+                    vr[u] = ak_load_raw(P, vq, e0);
                 } else {
                     kr[u] = make_uint4(0u, 0u, 0u, 0u);
                     vr[u] = kr[u];
@@ -854,9 +856,10 @@ __global__ void __launch_bounds__(ATTN_PF_THREADS) ak_prefill_kernel(attn_params
             int kk = i % ATTN_CHUNK, e = (i / ATTN_CHUNK) * 8;
             float kx[8], vx[8];
             if (kset[kk] != AK_NONE) {
-                long long slot = ak_slot(P, kt[kk]);
-                ak_unpack(P, ak_load_raw(P, P.k, slot, g, e), P.k_scale, kx);
-                ak_unpack(P, ak_load_raw(P, P.v, slot, g, e), P.v_scale, vx);
+                const uint8_t *kp, *vq;
+                ak_rows(P, kt[kk], g, &kp, &vq);
+                ak_unpack(P, ak_load_raw(P, kp, e), P.k_scale, kx);
+                ak_unpack(P, ak_load_raw(P, vq, e), P.v_scale, vx);
             } else {
 #pragma unroll
                 for (int j = 0; j < 8; j++) kx[j] = vx[j] = 0.0f;
@@ -968,21 +971,17 @@ __global__ void __launch_bounds__(ATTN_PF_THREADS) ak_prefill_kernel(attn_params
 static int ak_setup(attn_params *P, const cpu_attn_shape *s, const cuda_rope *rope,
                     const cuda_kv_view *kv)
 {
-    if (!s || !kv || !kv->k_dev || !kv->v_dev) return -EINVAL;
+    if (!s || !kv || cuda_kv_check(kv, true)) return -EINVAL;
     if (s->n_head < 1 || s->n_head_kv < 1 || s->n_head % s->n_head_kv) return -EINVAL;
     int G = s->n_head / s->n_head_kv;
     if (G > 8 || (s->head_dim != 64 && s->head_dim != 128)) return -EINVAL;
     if (kv->dtype != CUDA_KV_BF16 && kv->dtype != CUDA_KV_FP8) return -EINVAL;
-    if (kv->page_dev && kv->page_tokens < 1) return -EINVAL;
     if (kv->n_kv < 0) return -EINVAL;
     memset(P, 0, sizeof(*P));
-    P->k = kv->k_dev;
-    P->v = kv->v_dev;
+    P->kv = cuda_kv_addr_of(kv, s->n_head_kv, s->head_dim, kv->dtype == CUDA_KV_BF16 ? 2 : 1);
     P->dtype = kv->dtype;
     P->k_scale = kv->dtype == CUDA_KV_FP8 ? kv->k_scale : 1.0f;
     P->v_scale = kv->dtype == CUDA_KV_FP8 ? kv->v_scale : 1.0f;
-    P->page = kv->page_dev;
-    P->page_tokens = kv->page_tokens;
     P->T = kv->n_kv;
     P->hkv = s->n_head_kv;
     P->d = s->head_dim;

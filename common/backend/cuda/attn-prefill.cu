@@ -163,7 +163,7 @@ struct pf_layout {
     static constexpr size_t kv = (size_t)2 * PF_KT * LDS * 2; /* bytes of Ks (or Vs): 2 buffers */
     static constexpr size_t tlo = (size_t)PF_KT * (D / 2) * 8; /* float2 [64][D/2] */
     static constexpr size_t thi = (size_t)2 * (D / 2) * 8;     /* float2 [2][D/2] */
-    static constexpr size_t meta = (size_t)2 * PF_KT * (3 * 8 + 4) + 2 * 8; /* slot,t,vpos,set; vb */
+    static constexpr size_t meta = (size_t)2 * PF_KT * (4 * 8 + 4) + 2 * 8; /* K/V row,t,vpos,set; vb */
     static constexpr size_t bytes = 2 * kv + tlo + thi + meta;
     static_assert(2 * PF_KT >= PF_ROWS, "the Q staging tile lives in the two K buffers");
 };
@@ -184,8 +184,10 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
     uint16_t *Vs = (uint16_t *)(sm + L::kv);       /* [2][64][LDS] */
     float2 *tlo = (float2 *)(sm + 2 * L::kv);      /* [64][HD] */
     float2 *thi = (float2 *)(sm + 2 * L::kv + L::tlo); /* [2][HD] */
-    long long *mslot = (long long *)(sm + 2 * L::kv + L::tlo + L::thi); /* [2][64] */
-    long long *mt = mslot + 2 * PF_KT;
+    /* [2][64] byte addresses of the K and V rows of the tile's keys (ak_rows) */
+    unsigned long long *mka = (unsigned long long *)(sm + 2 * L::kv + L::tlo + L::thi);
+    unsigned long long *mva = mka + 2 * PF_KT;
+    long long *mt = (long long *)(mva + 2 * PF_KT);
     long long *mvp = mt + 2 * PF_KT;
     long long *mvb = mvp + 2 * PF_KT; /* [2] */
     int *mset = (int *)(mvb + 2);     /* [2][64] */
@@ -278,7 +280,10 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
             mt[bb * PF_KT + tid] = t;
             mvp[bb * PF_KT + tid] = vpos;
             mset[bb * PF_KT + tid] = set;
-            mslot[bb * PF_KT + tid] = set != AK_NONE ? ak_slot(P, t) : 0;
+            const uint8_t *kp, *vq; /* masked: token 0's rows, a valid address never read */
+            ak_rows(P, set != AK_NONE ? t : 0, g, &kp, &vq);
+            mka[bb * PF_KT + tid] = (unsigned long long)(uintptr_t)kp;
+            mva[bb * PF_KT + tid] = (unsigned long long)(uintptr_t)vq;
             ok = set != AK_NONE && ak_valid(P, set, t, pmin) && ak_valid(P, set, t, pmax);
         } else if (tid < PF_KT + hr) {
             const int fi = tid - PF_KT;
@@ -298,20 +303,20 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
         for (int c = tid; c < PF_KT * (D / 8); c += PF_THREADS) {
             const int kk = c / (D / 8), e = (c % (D / 8)) * 8;
             const bool valid = mset[bb * PF_KT + kk] != AK_NONE;
-            const size_t off =
-                ((size_t)mslot[bb * PF_KT + kk] * (size_t)P.hkv + (size_t)g) * D + (size_t)e;
+            const uint8_t *kp = (const uint8_t *)(uintptr_t)mka[bb * PF_KT + kk];
+            const uint8_t *vq = (const uint8_t *)(uintptr_t)mva[bb * PF_KT + kk];
             if (P.dtype == CUDA_KV_BF16) {
-                pf_cp16(pf_saddr(kd + kk * LDS + e), (const uint16_t *)P.k + off, valid);
-                pf_cp16(pf_saddr(vd + kk * LDS + e), (const uint16_t *)P.v + off, valid);
+                pf_cp16(pf_saddr(kd + kk * LDS + e), (const uint16_t *)kp + e, valid);
+                pf_cp16(pf_saddr(vd + kk * LDS + e), (const uint16_t *)vq + e, valid);
             } else {
                 uint4 kw = make_uint4(0u, 0u, 0u, 0u), vw = kw;
                 if (valid) {
                     float x[8];
-                    uint2 r = __ldg((const uint2 *)((const uint8_t *)P.k + off));
+                    uint2 r = __ldg((const uint2 *)(kp + e));
                     ak_unpack(P, make_uint4(r.x, r.y, 0u, 0u), P.k_scale, x);
                     kw = make_uint4(pf_pack(x[0], x[1]), pf_pack(x[2], x[3]), pf_pack(x[4], x[5]),
                                     pf_pack(x[6], x[7]));
-                    r = __ldg((const uint2 *)((const uint8_t *)P.v + off));
+                    r = __ldg((const uint2 *)(vq + e));
                     ak_unpack(P, make_uint4(r.x, r.y, 0u, 0u), P.v_scale, x);
                     vw = make_uint4(pf_pack(x[0], x[1]), pf_pack(x[2], x[3]), pf_pack(x[4], x[5]),
                                     pf_pack(x[6], x[7]));

@@ -35,11 +35,18 @@ enum cuda_kv_dtype {
     CUDA_KV_FP8 = 1, /* e4m3; value = stored * scale */
 };
 
-/* One layer's K and V on the GPU. Token t, KV head h lives at element
- *   (slot(t) * n_head_kv + h) * head_dim
- * of k_dev / v_dev, where slot(t) = t when page_dev is NULL, else
- *   page_dev[t / page_tokens] * page_tokens + t % page_tokens
- * (a page table: the GPU block cache of issue 7 maps logical blocks to cache slots).
+/* One layer's K and V as the kernels read them. Three addressings:
+ *  - contiguous (page_dev == NULL, kptr_dev == NULL): token t, KV head h at element
+ *    (t * n_head_kv + h) * head_dim of k_dev / v_dev;
+ *  - slot pages (page_dev != NULL): the same with t replaced by
+ *    page_dev[t / page_tokens] * page_tokens + t % page_tokens;
+ *  - page pointers (kptr_dev != NULL; k_dev, v_dev, page_dev unused): page p = t / page_tokens
+ *    holds its K at device-accessible address kptr_dev[p] and its V at vptr_dev[p], each laid out
+ *    [n_head_kv][page_tokens][head_dim] (the kvstore block layout, kvstore.h), so token t, head h
+ *    is element (h * page_tokens + t % page_tokens) * head_dim from there. An address may be GPU
+ *    memory (a cache slot) or host memory the GPU can read (a cudaHostRegister'ed kvstore
+ *    segment, read over the bus): this is how the offloaded KV of issue 7 is reached. Addresses
+ *    are aligned to 16 bytes. vptr_dev may be NULL for a view only mask estimation reads.
  * Keys are un-rotated. */
 typedef struct cuda_kv_view {
     const void *k_dev;
@@ -47,8 +54,10 @@ typedef struct cuda_kv_view {
     int dtype;             /* enum cuda_kv_dtype */
     float k_scale, v_scale; /* fp8 only (1 for bf16) */
     const int32_t *page_dev; /* may be NULL */
-    int page_tokens;        /* tokens per page when page_dev != NULL */
+    int page_tokens;        /* tokens per page when page_dev or kptr_dev != NULL */
     int64_t n_kv;           /* live length T: tokens [0, T) exist */
+    const uint64_t *kptr_dev; /* [ceil(T / page_tokens)] or NULL */
+    const uint64_t *vptr_dev; /* [ceil(T / page_tokens)] or NULL */
 } cuda_kv_view;
 
 /* RoPE for the kernels: same meaning as cpu_rope (style, head_dim, n_rot, inv_freq in double). */

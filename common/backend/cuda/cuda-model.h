@@ -113,6 +113,27 @@ typedef struct cuda_ctx_params {
     int kv_dtype;     /* enum cuda_kv_dtype (cuda-hip.h) */
     float kv_k_scale; /* fp8 only: value = stored × scale (0 = CUDA_KV_FP8_SCALE) */
     float kv_v_scale; /* fp8 only (0 = CUDA_KV_FP8_SCALE) */
+
+    /* Paged KV (issue 7; shared/HIP.md §7). page_tokens = 0: the KV cache above, n_seq × n_ctx
+     * tokens in GPU memory. page_tokens > 0: no such cache. The KV of a sequence is a list of
+     * pages of page_tokens tokens in the kvstore block layout ([K|V][kv_head][token][head_dim]):
+     *  - pages the caller binds from host memory the GPU can read (cuda_ctx_bind_host: the
+     *    blocks of a kvstore sequence in a cudaHostRegister'ed segment), read over the bus or
+     *    copied into the two GPU caches below;
+     *  - pages of tokens the context computes (prefill chunks, decode steps), in a GPU ring of
+     *    tail_tokens per sequence and layer; a page sink (cuda_ctx_set_page_sink) moves
+     *    complete pages out to host memory (prefill into the kvstore), which frees their ring
+     *    slots, so prefill GPU memory does not grow with the prompt.
+     * HiP decode then keeps, per layer, a K‖V cache (sa_cache_tokens) of the pages block-sparse
+     * attention reads (mask-selected blocks, sink, window) and a keys-only cache
+     * (mask_cache_tokens) of the pages the cached mask stages rescan (the stage-1 candidates);
+     * both LRU, updated on the GPU after every mask refresh; what is not cached is read from
+     * host memory directly (the miss path). Dense attention reads through the same pages. */
+    int page_tokens;           /* 0 = not paged; else a power of two in [8, 4096] */
+    int64_t tail_tokens;       /* GPU ring per sequence and layer (0 = 2 × n_chunk + page_tokens,
+                                * and at least 4096) */
+    int64_t sa_cache_tokens;   /* per layer (0 = 32768; < 0: no cache) */
+    int64_t mask_cache_tokens; /* per layer (0 = 65536; < 0: no cache) */
 } cuda_ctx_params;
 
 /* Default fp8 per-tensor scale: K/V of order one (what RMS-normed activations times 1/sqrt(n_in)
@@ -159,6 +180,55 @@ CM_API int cuda_decode(cuda_ctx *c, int seq, int32_t token, float *logits, cm_er
  * logits [B][n_vocab] (may be NULL). B ≤ n_seq. Same errors (checked before any work). */
 CM_API int cuda_decode_batch(cuda_ctx *c, int B, const int *seqs, const int32_t *tokens,
                              float *logits, cm_err *err);
+
+/* ---- paged contexts (page_tokens > 0) ----------------------------------------------------- */
+
+/* Make tokens [0, n_tokens) of sequence seq the K/V held in host pages: for layer l and page
+ * p < ceil(n_tokens / page_tokens), K at k_addr[l * n_pages + p] and V at v_addr[...], device
+ * addresses of host memory the GPU can read (cudaHostRegister'ed, e.g. a kvstore segment's
+ * block pool), 16-byte aligned, each [kv_head][page_tokens][head_dim] of the context's KV
+ * dtype. The memory must stay valid and unchanged until the sequence is reset or rebound. A
+ * partial last page is copied into the GPU ring (decode appends after it). Sets n_past =
+ * n_tokens and resets the HiP state (the next decode step refreshes fully). Synchronizes.
+ * Errors: -EINVAL (not paged, bad seq, NULL/misaligned address), -CM_ELIMIT (n_tokens > n_ctx). */
+CM_API int cuda_ctx_bind_host(cuda_ctx *c, int seq, int64_t n_tokens, const uint64_t *k_addr,
+                              const uint64_t *v_addr, cm_err *err);
+
+/* Where complete pages computed by the context go (paged contexts). cuda_prefill calls it after
+ * each chunk, for every layer of every page that the chunk completed (in layer-major order), and
+ * cuda_ctx_flush for the last partial page: the sink returns device addresses of host memory
+ * (as in cuda_ctx_bind_host) to copy the page's K and V to, or a negative code to fail the
+ * prefill. The context copies the page there and from then on reads it there (its ring slot is
+ * free again). NULL fn: pages stay in the ring (the ring must hold the whole sequence). */
+typedef int (*cuda_page_sink_fn)(void *user, int seq, int layer, int64_t page, uint64_t *k_addr,
+                                 uint64_t *v_addr, cm_err *err);
+CM_API int cuda_ctx_set_page_sink(cuda_ctx *c, cuda_page_sink_fn fn, void *user);
+/* Copy the remaining ring pages of seq (the partial last page included) to the sink; waits for
+ * every copy. */
+CM_API int cuda_ctx_flush(cuda_ctx *c, int seq, cm_err *err);
+
+/* FOR BENCHMARKS ONLY: fill host pages (addresses as in cuda_ctx_bind_host, n_addr of each)
+ * with the same kind of pseudo-random K/V as cuda_ctx_fill_synthetic, writing over the bus. */
+CM_API int cuda_ctx_fill_host_synthetic(cuda_ctx *c, const uint64_t *k_addr,
+                                        const uint64_t *v_addr, int64_t n_addr, uint64_t seed,
+                                        cm_err *err);
+
+/* Offload counters since the context was made (or cuda_ctx_offload_reset). "Needed" pages are
+ * host pages a refresh will read: a hit is already in the GPU cache, an install is copied in now,
+ * an overflow does not fit (read over the bus each time). Per-phase times are measured only when
+ * the environment has IHIP_OFFLOAD_PROFILE=1 (CUDA events around each phase; costs a little). */
+typedef struct cuda_offload_stats {
+    uint64_t sa_updates, sa_needed, sa_hits, sa_installs, sa_overflow;
+    uint64_t mk_updates, mk_needed, mk_hits, mk_installs, mk_overflow;
+    uint64_t bytes_h2d;            /* cache installs (the bus reads of misses are not counted) */
+    uint64_t bytes_d2h;            /* pages written to the sink */
+    uint64_t decode_steps;         /* cuda_decode_batch calls */
+    uint64_t refresh[4];           /* decode layer-steps by first stage run: 0, 1, 2, none */
+    double ms_mask, ms_cache, ms_attn; /* summed over decode layer-steps (profile only) */
+    size_t gpu_kv_bytes;           /* ring + caches, all layers */
+} cuda_offload_stats;
+CM_API int cuda_ctx_offload_stats(cuda_ctx *c, cuda_offload_stats *out);
+CM_API void cuda_ctx_offload_reset(cuda_ctx *c);
 
 #ifdef __cplusplus
 }

@@ -172,7 +172,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
     const int64_t c0 = (sb * MMA_SB + rem % sbn) * MMA_CH;
     const int64_t n = stage_count(p, b);
     if (c0 >= n) return;
-    const int d = 32 * Q, H = p.H;
+    const int H = p.H;
     extern __shared__ float4 smem4[];
     int64_t *hrep = (int64_t *)smem4;            /* [H][MMA_CH] */
     float *hbest = (float *)(hrep + H * MMA_CH); /* [H][MMA_CH] */
@@ -278,11 +278,11 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
                 }
             }
             if (!have) t = 0; /* branch-free: a key that is not probed loads token 0, zeroed */
-            const size_t off = ((size_t)kv_slot(kv, t) * (size_t)p.Hkv + (size_t)g) * (size_t)d;
+            const uint8_t *row = kv_key(kv, t, g);
             uint32_t raw[Q][4];
             const bool fp8 = kv.dtype != CUDA_KV_BF16;
             if (!fp8) {
-                const uint16_t *src = (const uint16_t *)kv.k + off;
+                const uint16_t *src = (const uint16_t *)row;
 #pragma unroll
                 for (int q = 0; q < Q; q++) {
                     const uint4 x = *(const uint4 *)(src + 32 * q + 8 * tig);
@@ -292,7 +292,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
                     raw[q][3] = x.w;
                 }
             } else {
-                const uint8_t *src = (const uint8_t *)kv.k + off;
+                const uint8_t *src = row;
 #pragma unroll
                 for (int q = 0; q < Q; q++) {
                     const uint2 x = *(const uint2 *)(src + 32 * q + 8 * tig);

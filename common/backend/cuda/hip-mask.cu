@@ -18,6 +18,8 @@
  *          starts in shared memory and either the split into the next stage's candidates
  *          (written straight into the mask's stage cache, which is the next stage's input) or
  *          the final de-duplicated block list (§2.7, §2.8).
+ * Keys are found through cuda_kv_rows (cuda-hip-impl.h): contiguous, slot pages or page
+ * pointers (kptr_dev; host-mapped pages are read over the bus); only K is read.
  * Stage 0's candidates are computed from their index (no list). Candidate counts of stages
  * s ≥ 1 live on the device only (m->cand_n[s]); grids are sized by the host's upper bound and
  * blocks past the count exit, so no call copies anything back to the host.
@@ -213,27 +215,25 @@ static __global__ void prep_kernel(mask_stage_params p, mask_rope rope, const fl
 /* ---- scan: the descent (§2.5) and the head reduction (§2.6) --------------------------------- */
 
 struct mask_kv {
-    const void *k;
+    cuda_kv_addr a; /* K only: contiguous, slot pages or page pointers */
     int dtype;
     float k_scale;
-    const int32_t *page;
-    int page_tokens;
 };
 
-static __device__ __forceinline__ int64_t kv_slot(const mask_kv &kv, int64_t t)
+/* Byte address of element 0 of key t, KV head g (cuda_kv_rows; the kernels only read K). */
+static __device__ __forceinline__ const uint8_t *kv_key(const mask_kv &kv, int64_t t, int g)
 {
-    if (!kv.page) return t;
-    return (int64_t)kv.page[t / kv.page_tokens] * kv.page_tokens + t % kv.page_tokens;
+    return cuda_kv_krow(kv.a, t, g);
 }
 
 /* Warp-cooperative: load key t of KV head g (as float, fp8 scaled) into dst[d]. Lanes
  * [lane_lo, lane_lo + n_lanes) take part. */
-static __device__ void load_key(const mask_kv &kv, int Hkv, int d, int64_t t, int g, float *dst,
-                                int sub, int n_lanes)
+static __device__ void load_key(const mask_kv &kv, int d, int64_t t, int g, float *dst, int sub,
+                                int n_lanes)
 {
-    const size_t off = ((size_t)kv_slot(kv, t) * (size_t)Hkv + (size_t)g) * (size_t)d;
+    const uint8_t *row = kv_key(kv, t, g);
     if (kv.dtype == CUDA_KV_BF16) {
-        const uint16_t *src = (const uint16_t *)kv.k + off;
+        const uint16_t *src = (const uint16_t *)row;
         if ((d & 7) == 0) {
             const uint4 *v = (const uint4 *)src;
             for (int i = sub; i < d / 8; i += n_lanes) {
@@ -252,7 +252,7 @@ static __device__ void load_key(const mask_kv &kv, int Hkv, int d, int64_t t, in
             for (int i = sub; i < d; i += n_lanes) dst[i] = bf16_to_f(src[i]);
         }
     } else {
-        const uint8_t *src = (const uint8_t *)kv.k + off;
+        const uint8_t *src = row;
         const float sc = kv.k_scale;
         if ((d & 15) == 0) {
             const uint4 *v = (const uint4 *)src;
@@ -343,8 +343,8 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32)
             }
             const bool hl = pl < p.T, hr = pr < p.T;
             /* both keys: half-warp `side` loads its key */
-            if (side == 0 && hl) load_key(kv, p.Hkv, d, pl, g, kl, sub, 16);
-            if (side == 1 && hr) load_key(kv, p.Hkv, d, pr, g, kr, sub, 16);
+            if (side == 0 && hl) load_key(kv, d, pl, g, kl, sub, 16);
+            if (side == 1 && hr) load_key(kv, d, pr, g, kr, sub, 16);
             __syncwarp();
             if (rope.on) {
                 for (int u = lane; u < 2 * rope.half; u += 32) {
@@ -489,7 +489,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
             int64_t mid[NH];
             bool hl[NH], hr[NH], have[NH];
             float v[NH][M];
-            size_t off[NH];
+            const uint8_t *row[NH]; /* the probed key's row, from element sub on */
 #pragma unroll
             for (int j = 0; j < NH; j++) {
                 mid[j] = (l[j] + r[j]) / 2;
@@ -500,14 +500,14 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
                 /* branch-free: a key that is not probed loads token 0 (valid) and is zeroed */
                 const int64_t t = have[j] ? (side ? pr : pl) : 0;
                 const int g = min(h0 + j * MASK_SCAN_WARPS, H - 1) / p.G;
-                off[j] = ((size_t)kv_slot(kv, t) * (size_t)p.Hkv + (size_t)g) * (size_t)d + (size_t)sub;
+                row[j] = kv_key(kv, t, g) + (kv.dtype == CUDA_KV_BF16 ? 2 * sub : sub);
             }
             if (kv.dtype == CUDA_KV_BF16) {
                 uint32_t raw[NH][M];
 #pragma unroll
                 for (int j = 0; j < NH; j++)
 #pragma unroll
-                    for (int m = 0; m < M; m++) raw[j][m] = ((const uint16_t *)kv.k)[off[j] + 16 * m];
+                    for (int m = 0; m < M; m++) raw[j][m] = ((const uint16_t *)row[j])[16 * m];
 #pragma unroll
                 for (int j = 0; j < NH; j++)
 #pragma unroll
@@ -517,7 +517,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
 #pragma unroll
                 for (int j = 0; j < NH; j++)
 #pragma unroll
-                    for (int m = 0; m < M; m++) raw[j][m] = ((const uint8_t *)kv.k)[off[j] + 16 * m];
+                    for (int m = 0; m < M; m++) raw[j][m] = row[j][16 * m];
 #pragma unroll
                 for (int j = 0; j < NH; j++)
 #pragma unroll
@@ -1002,13 +1002,12 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
     const hip_layer_config *lc = a->layer;
     const cuda_kv_view *kv = &a->kv;
     const int64_t T = kv->n_kv;
-    if (n_tok < 1 || pos0 < 0 || T < pos0 + n_tok || !kv->k_dev) return -EINVAL;
+    if (n_tok < 1 || pos0 < 0 || T < pos0 + n_tok || cuda_kv_check(kv, false)) return -EINVAL;
     const int H = a->shape.n_head, Hkv = a->shape.n_head_kv, d = a->shape.head_dim;
     if (H < 1 || Hkv < 1 || H % Hkv || H > MASK_MAX_HEADS || d < 1 || d > MASK_MAX_HEAD_DIM ||
         a->block_size_q < 1 || a->block_size_k < 1)
         return -EINVAL;
     if (kv->dtype != CUDA_KV_BF16 && kv->dtype != CUDA_KV_FP8) return -EINVAL;
-    if (kv->page_dev && kv->page_tokens < 1) return -EINVAL;
     const int S = lc->n_stages;
     if (S < 1 || S > HIP_MAX_STAGES) return -EINVAL;
     const int64_t bq = a->block_size_q, n_qblk = (n_tok + bq - 1) / bq;
@@ -1108,11 +1107,9 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
     prof_mark(&prof, st);
 
     mask_kv mkv;
-    mkv.k = kv->k_dev;
+    mkv.a = cuda_kv_addr_of(kv, Hkv, d, kv->dtype == CUDA_KV_BF16 ? 2 : 1);
     mkv.dtype = kv->dtype;
     mkv.k_scale = kv->dtype == CUDA_KV_FP8 ? kv->k_scale : 1.0f;
-    mkv.page = kv->page_dev;
-    mkv.page_tokens = kv->page_tokens;
 
     for (int s = first_stage; s < S; s++) {
         const hip_stage *hs = &lc->stages[s];

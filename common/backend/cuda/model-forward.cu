@@ -36,46 +36,7 @@
 
 #define DEFAULT_CHUNK 512
 
-struct cuda_ctx {
-    const cuda_model *m;
-    int64_t n_ctx, n_chunk;
-    int n_seq;
-    int64_t rows; /* scratch rows: max(n_chunk, n_seq) */
-    cudaStream_t stream;
-    cublasHandle_t blas;
-    cuda_rope rope;
-    cpu_attn_shape shape;
-    cuda_hip_work *work;
-    int64_t *n_past; /* host [n_seq] */
-    void **k, **v;   /* host [n_layer] → device [n_seq][n_ctx][n_head_kv][head_dim] of kv_dtype */
-    int kv_dtype;    /* enum cuda_kv_dtype */
-    size_t kv_elem;  /* bytes of one K/V element: 2 (bf16) or 1 (fp8) */
-    float k_scale, v_scale; /* fp8: value = stored × scale (1 for bf16) */
-    size_t kv_bytes;        /* all layers, K and V */
 
-    /* scratch (device), rows × ... */
-    float *x;           /* [rows][E] residual stream */
-    bf16 *xn;           /* [rows][E] normed input of a GEMM */
-    float *qkv;         /* [rows][qd + 2 kvd] */
-    float *q;           /* [rows][qd] un-rotated queries */
-    float *ao;          /* [rows][qd] attention output */
-    bf16 *aob;          /* [rows][qd] */
-    float *gu;          /* [rows][2 F] gate ‖ up */
-    bf16 *h;            /* [rows][F] */
-    float *logits;      /* [n_seq][V] */
-    int32_t *tok_dev;   /* [rows] */
-    int64_t *slot_dev;  /* [rows] cache slot of each row */
-    int32_t *tok_host;  /* [rows] (pageable: copies from it complete before the call returns) */
-    int64_t *slot_host; /* [rows] */
-
-    /* HiP (NULL hip = dense) */
-    hip_config *hip;
-    int64_t hip_ctx_len; /* model_context_length in effect */
-    cuda_hip_mask *dec;  /* [n_seq][n_layer] decode masks with the stage caches */
-    bool *dec_valid;     /* [n_seq][n_layer] */
-    int64_t *step;       /* [n_seq][n_layer] decode counter */
-    cuda_hip_mask *pre;  /* [n_layer] prefill masks (one chunk) */
-};
 
 /* ---- kernels --------------------------------------------------------------------------------- */
 
@@ -122,18 +83,6 @@ static __global__ void rms_norm_bf16_kernel(const float *__restrict__ x,
         yr[i] = __float2bfloat16_rn(xr[i] * scale * g[i]);
 }
 
-/* One K/V element into the cache: bf16 (inv_scale unused), or fp8 e4m3 of x · inv_scale
- * (round to nearest even, saturating to ±448 rather than NaN). */
-static __device__ __forceinline__ void kv_put(bf16 *p, float x, float)
-{
-    *p = __float2bfloat16_rn(x);
-}
-
-static __device__ __forceinline__ void kv_put(uint8_t *p, float x, float inv_scale)
-{
-    *p = (uint8_t)__nv_cvt_float_to_fp8(x * inv_scale, __NV_SATFINITE, __NV_E4M3);
-}
-
 /* Row t of qkv: q → q[t] (f32), k and v → cache slot slot[t] (T = bf16 or fp8 bytes; keys NOT
  * rotated). */
 template <typename T>
@@ -153,22 +102,6 @@ static __global__ void qkv_store_kernel(const float *__restrict__ qkv,
     }
 }
 
-/* Benchmark fill: element i of rows [0, n) of one layer's K and V ← roughly N(0, 1): the sum
- * of the four 16-bit quarters of one 64-bit hash, each uniform in [-1, 1), times sqrt(3)/2
- * (Irwin–Hall with 4 terms: variance 1, |x| ≤ 3.47). */
-static __device__ __forceinline__ float fill_value(uint64_t key, int64_t i)
-{
-    uint64_t h = key + (uint64_t)i * 0x9E3779B97F4A7C15ULL;
-    h ^= h >> 30;
-    h *= 0xbf58476d1ce4e5b9ULL;
-    h ^= h >> 27;
-    h *= 0x94d049bb133111ebULL;
-    h ^= h >> 31;
-    float s = 0.0f;
-    for (int j = 0; j < 4; j++)
-        s += (float)((h >> (16 * j)) & 0xffffu) * (1.0f / 32768.0f) - 1.0f;
-    return s * 0.8660254f;
-}
 
 template <typename T>
 static __global__ void kv_fill_kernel(T *__restrict__ kc, T *__restrict__ vc, int64_t n,
@@ -235,6 +168,7 @@ static int gemm(cuda_ctx *c, const bf16 *W, int64_t n_out, int64_t n_in, const b
 
 static cuda_kv_view kv_view(const cuda_ctx *c, int il, int seq, int64_t n_kv)
 {
+    if (c->pg) return paged_view(c, il, seq, n_kv, true);
     const mdl_hparams *hp = &c->m->hp;
     size_t off = (size_t)seq * (size_t)c->n_ctx * (size_t)(hp->n_head_kv * hp->head_dim) *
                  c->kv_elem; /* bytes */
@@ -275,11 +209,23 @@ static int attend(cuda_ctx *c, int il, int seq, const float *q, int64_t pos0, in
     a.kv = kv;
     const size_t si = (size_t)seq * (size_t)n_layer + (size_t)il;
     int rc;
+    if (c->pg) a.kv = paged_view(c, il, seq, pos0 + n_tok, false); /* keys-only cache */
     if (decode) {
         int fs = hip_refresh_stage(c->hip, a.layer->n_stages, c->step[si]);
         if (!c->dec_valid[si]) fs = 0;
+        paged_prof_mark(c, 0);
         rc = cuda_hip_mask_estimate(&a, q, pos0, 1, fs, &c->dec[si], c->work, c->stream);
+        paged_prof_mark(c, 1);
+        if (c->pg) {
+            c->pg->st.refresh[CM_MIN(fs, 3)]++;
+            if (rc == 0 && fs < a.layer->n_stages)
+                rc = paged_after_refresh(c, il, seq, fs, &c->dec[si], pos0 + 1);
+        }
+        paged_prof_mark(c, 2);
+        a.kv = kv;
         if (rc == 0) rc = cuda_hip_bsa(&a, q, pos0, 1, &c->dec[si], out, c->work, c->stream);
+        paged_prof_mark(c, 3);
+        paged_prof_collect(c);
         if (rc == 0) {
             c->dec_valid[si] = true;
             c->step[si]++;
@@ -288,6 +234,7 @@ static int attend(cuda_ctx *c, int il, int seq, const float *q, int64_t pos0, in
     }
     c->step[si] = 0;
     c->dec_valid[si] = false;
+    a.kv = kv; /* prefill reads K and V through the attention tables (K‖V cache or home) */
     const hip_layer_config *lc = a.layer;
     const int bq = a.block_size_q;
     const int64_t wide = c->hip_ctx_len - lc->sink_token_size - lc->second_stage_k - bq;
@@ -350,7 +297,9 @@ static int forward(cuda_ctx *c, int64_t n, const struct att_group *g, int n_g, i
         rms_norm_bf16_kernel<<<(unsigned)n, 256, 0, st>>>(c->x, L->attn_norm, c->xn, E,
                                                           hp->rms_eps);
         TRY(gemm(c, L->wqkv, W, E, c->xn, n, c->qkv, W, 0.0f));
-        if (c->kv_dtype == CUDA_KV_FP8)
+        if (c->pg)
+            paged_store(c, il, c->qkv, n);
+        else if (c->kv_dtype == CUDA_KV_FP8)
             qkv_store_kernel<<<(unsigned)n, 256, 0, st>>>(
                 c->qkv, c->slot_dev, c->q, (uint8_t *)c->k[il], (uint8_t *)c->v[il], qd, kvd,
                 1.0f / c->k_scale, 1.0f / c->v_scale);
@@ -523,7 +472,8 @@ extern "C" cuda_ctx *cuda_ctx_init(const cuda_model *m, const cuda_ctx_params *p
     /* the KV cache: 2 × n_layer buffers of n_seq × n_ctx tokens, allocated here only */
     kv_bytes = kv_elem * (size_t)p.n_seq * (size_t)p.n_ctx * (size_t)kvd; /* one layer's K */
     c->kv_bytes = 2 * (size_t)n_layer * kv_bytes;
-    for (int il = 0; il < n_layer; il++)
+    if (p.page_tokens != 0) c->kv_bytes = 0; /* paged: see paged_init */
+    for (int il = 0; il < n_layer && p.page_tokens == 0; il++)
         for (int kv = 0; kv < 2; kv++) {
             void **dst = kv ? &c->v[il] : &c->k[il];
             cudaError_t e = cudaMalloc(dst, kv_bytes);
@@ -579,6 +529,10 @@ extern "C" cuda_ctx *cuda_ctx_init(const cuda_model *m, const cuda_ctx_params *p
                     goto oom;
         }
     }
+    if (p.page_tokens != 0 && paged_init(c, &p, err) != 0) {
+        cuda_ctx_free(c);
+        return NULL;
+    }
     return c;
 oom:
     cm_err_set(err, -ENOMEM,
@@ -604,6 +558,7 @@ extern "C" void cuda_ctx_free(cuda_ctx *c)
                 cuda_hip_mask_free(&c->dec[(size_t)s * n_layer + il]);
         }
     }
+    paged_free(c);
     free(c->dec);
     free(c->dec_valid);
     free(c->step);
@@ -642,6 +597,7 @@ extern "C" void cuda_ctx_reset(cuda_ctx *c, int seq)
     for (int s = 0; s < c->n_seq; s++) {
         if (seq >= 0 && s != seq) continue;
         c->n_past[s] = 0;
+        if (c->pg) paged_reset(c, s);
         if (c->hip)
             for (int il = 0; il < n_layer; il++) {
                 c->dec_valid[(size_t)s * n_layer + il] = false;
@@ -674,6 +630,10 @@ extern "C" int cuda_ctx_fill_synthetic(cuda_ctx *c, int seq, int64_t n_tokens, u
     if (n_tokens < 0 || n_tokens > c->n_ctx)
         return cm_err_set(err, -CM_ELIMIT, "synthetic fill of %lld tokens outside [0, n_ctx %lld]",
                           (long long)n_tokens, (long long)c->n_ctx);
+    if (c->pg)
+        return cm_err_set(err, -EINVAL,
+                          "paged context: fill host pages (cuda_ctx_fill_host_synthetic) and bind "
+                          "them (cuda_ctx_bind_host) instead");
     if (cudaSetDevice(c->m->dev) != cudaSuccess)
         return cm_err_set(err, -ENODEV, "cannot use the GPU");
     const mdl_hparams *hp = &c->m->hp;
@@ -717,6 +677,9 @@ static int check_tokens(const cuda_ctx *c, int seq, const int32_t *tokens, int64
                               "token id %d at index %lld is outside the vocabulary "
                               "[0, %lld)",
                               tokens[i], (long long)i, (long long)c->m->hp.n_vocab);
+    if (c->pg) /* with a page sink, prefill flushes the ring after every chunk */
+        return paged_check_room(c, seq, c->n_past[seq],
+                                c->pg->sink ? CM_MIN(n, c->n_chunk) : n, err);
     return 0;
 }
 
@@ -741,6 +704,7 @@ extern "C" int cuda_prefill(cuda_ctx *c, int seq, const int32_t *tokens, int64_t
         if (rc < 0) return rc;
         c->n_past[seq] += k;
         done += k;
+        if (c->pg && (rc = paged_after_chunk(c, seq, false, err)) < 0) return rc;
         if (progress && progress(user, done, n) != 0)
             return cm_err_set(err, -ECANCELED, "prefill cancelled after %lld of %lld tokens",
                               (long long)done, (long long)n);
@@ -776,8 +740,13 @@ extern "C" int cuda_decode_batch(cuda_ctx *c, int B, const int *seqs, const int3
         g[i].n = 1;
         g[i].pos0 = c->n_past[seqs[i]];
     }
+    if (c->pg) {
+        const char *pe = getenv("IHIP_OFFLOAD_PROFILE");
+        c->pg->prof = pe && atoi(pe) > 0; /* read per step: a benchmark toggles it */
+    }
     int rc = forward(c, B, g, B, 0, B, err);
     if (g != gs) free(g);
+    if (c->pg) c->pg->st.decode_steps++;
     if (rc == 0) rc = finish(c, logits, B, err);
     if (rc < 0) return rc;
     for (int i = 0; i < B; i++)

@@ -1,0 +1,446 @@
+/*
+ * test-cuda-offload.cu — paged KV in host memory (cuda-model.h "Paged KV", issue 7) against the
+ * GPU-resident KV and against the CPU engine.
+ *
+ *   1. synthetic "tiny" and "smollm2-135m" models, a scaled-down HiP config (every stage runs,
+ *      retrieval beyond the window) with the "fast" (32, 16, 8) schedule and with a mask refresh
+ *      every step, and dense attention: a contiguous context (reference) prefills a prompt in
+ *      chunks and decodes teacher-forced; a paged context prefills the same prompt with a page
+ *      sink into pinned host memory (a GPU ring smaller than the prompt, so pages MUST leave the
+ *      GPU); decode contexts bound to those host pages then decode the same tokens with
+ *        (a) one-page caches: nearly every needed page misses and overflows (read over the bus),
+ *        (b) large caches: pages are installed and hit,
+ *        (c) no caches;
+ *      every logit of every prefill and decode step must be BIT-IDENTICAL to the reference (same
+ *      kernels on the same values; only where they are read from differs), for bf16 and fp8 KV.
+ *      Cache counters must show what each case is about (overflow in (a), hits in (b)).
+ *   2. argument errors: bind on a non-paged context, misaligned address, bad page size, a ring
+ *      overflow without a sink.
+ *   3. real SmolLM2 (IHIP_MODEL): a long prompt (2600 tokens; scaled-down HiP, so pruning is real)
+ *      on the CPU engine with the HiP provider, 16 greedy tokens, vs the GPU: paged prefill into
+ *      host pages, bound to a decode context with one-page caches, teacher-forced on the CPU's
+ *      tokens: the GPU's argmax equals the CPU's token wherever the CPU's top-2 gap is ≥ 0.25.
+ * Prints "N passed, N failed"; exit 77 without a GPU.
+ */
+#include "backend/cuda/cuda-model.h"
+#include "backend/cuda/cuda.h"
+#include "hip/hip.h"
+#include "model/model.h"
+
+#include <cuda_runtime.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int n_pass, n_fail;
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (cond) {                                                                                \
+            n_pass++;                                                                              \
+        } else {                                                                                   \
+            n_fail++;                                                                              \
+            printf("FAIL %s:%d: ", __FILE__, __LINE__);                                            \
+            printf(__VA_ARGS__);                                                                   \
+            printf("\n");                                                                          \
+        }                                                                                          \
+    } while (0)
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ULL;
+static uint64_t rng(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+static int64_t argmax(const float *a, int64_t n)
+{
+    int64_t b = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (a[i] > a[b]) b = i;
+    return b;
+}
+
+static float top2_gap(const float *a, int64_t n)
+{
+    int64_t b = argmax(a, n);
+    float s = -INFINITY;
+    for (int64_t i = 0; i < n; i++)
+        if (i != b && a[i] > s) s = a[i];
+    return a[b] - s;
+}
+
+/* Host pages handed out in order by the sink: one pinned mapped buffer. */
+struct host_pages {
+    uint8_t *buf;    /* host */
+    uint64_t dev;    /* its device address */
+    size_t page_bytes, half;
+    int64_t cap, used;
+    int n_layer;
+    int64_t max_pages;
+    uint64_t *ka, *va; /* [n_layer][max_pages] what the sink gave, for bind */
+};
+
+static int hp_init(struct host_pages *h, const mdl_hparams *hp, int pt, size_t elem,
+                   int64_t max_pages)
+{
+    memset(h, 0, sizeof(*h));
+    h->half = (size_t)hp->n_head_kv * pt * hp->head_dim * elem;
+    h->page_bytes = 2 * h->half;
+    h->n_layer = (int)hp->n_layer;
+    h->max_pages = max_pages;
+    h->cap = max_pages * h->n_layer;
+    void *d = NULL;
+    if (cudaHostAlloc((void **)&h->buf, (size_t)h->cap * h->page_bytes, cudaHostAllocMapped) !=
+        cudaSuccess)
+        return -ENOMEM;
+    memset(h->buf, 0xA5, (size_t)h->cap * h->page_bytes); /* poison */
+    cudaHostGetDevicePointer(&d, h->buf, 0);
+    h->dev = (uint64_t)(uintptr_t)d;
+    h->ka = (uint64_t *)calloc((size_t)h->cap, sizeof(uint64_t));
+    h->va = (uint64_t *)calloc((size_t)h->cap, sizeof(uint64_t));
+    return h->ka && h->va ? 0 : -ENOMEM;
+}
+
+static void hp_free(struct host_pages *h)
+{
+    if (h->buf) cudaFreeHost(h->buf);
+    free(h->ka);
+    free(h->va);
+    memset(h, 0, sizeof(*h));
+}
+
+static int sink(void *user, int seq, int layer, int64_t page, uint64_t *k, uint64_t *v,
+                cm_err *err)
+{
+    struct host_pages *h = (struct host_pages *)user;
+    if (seq != 0 || page >= h->max_pages || h->used >= h->cap)
+        return cm_err_set(err, -CM_ELIMIT, "test sink: out of pages");
+    /* interleave layers and pages in allocation order, like a store's free list */
+    const uint64_t a = h->dev + (uint64_t)h->used * h->page_bytes;
+    h->used++;
+    *k = a;
+    *v = a + h->half;
+    h->ka[(size_t)layer * h->max_pages + page] = *k;
+    h->va[(size_t)layer * h->max_pages + page] = *v;
+    return 0;
+}
+
+/* bind needs [n_layer][n_pages] with n_pages = ceil(n / pt): repack from [n_layer][max_pages] */
+static int bind(cuda_ctx *c, const struct host_pages *h, int64_t n, int pt, cm_err *err)
+{
+    const int64_t np = (n + pt - 1) / pt;
+    uint64_t *k = (uint64_t *)malloc(sizeof(uint64_t) * (size_t)(np * h->n_layer));
+    uint64_t *v = (uint64_t *)malloc(sizeof(uint64_t) * (size_t)(np * h->n_layer));
+    int rc = -ENOMEM;
+    if (k && v) {
+        for (int l = 0; l < h->n_layer; l++)
+            for (int64_t p = 0; p < np; p++) {
+                k[(size_t)l * np + p] = h->ka[(size_t)l * h->max_pages + p];
+                v[(size_t)l * np + p] = h->va[(size_t)l * h->max_pages + p];
+            }
+        rc = cuda_ctx_bind_host(c, 0, n, k, v, err);
+    }
+    free(k);
+    free(v);
+    return rc;
+}
+
+static void small_hip(hip_config *c, bool every_step)
+{
+    hip_config_default(c);
+    hip_layer_config *lcs[2] = {&c->special, &c->normal};
+    for (int i = 0; i < 2; i++) {
+        hip_layer_config *lc = lcs[i];
+        lc->sink_token_size = 32;
+        lc->sliding_window_size = 128;
+        lc->stages[0].chunk_size = 64;
+        lc->stages[1].chunk_size = 16;
+        lc->stages[1].stage_k = 512;
+        lc->stages[2].chunk_size = 8;
+        lc->stages[2].stage_k = 256;
+        lc->second_stage_k = 128;
+    }
+    if (every_step)
+        c->mask_refresh_interval[0] = c->mask_refresh_interval[1] = c->mask_refresh_interval[2] = 1;
+    else {
+        c->mask_refresh_interval[0] = 32;
+        c->mask_refresh_interval[1] = 16;
+        c->mask_refresh_interval[2] = 8;
+    }
+}
+
+/* Compare two logit vectors bit for bit; returns the number of differing values. */
+static int64_t n_diff(const float *a, const float *b, int64_t n)
+{
+    return memcmp(a, b, sizeof(float) * (size_t)n) == 0 ? 0 : n;
+}
+
+static void test_equal(const char *shape, const hip_config *hc, const char *what, int kv_dtype)
+{
+    cm_err err = {};
+    cuda_model *m = cuda_model_synthetic(shape, 5, 0, &err);
+    CHECK(m != NULL, "%s: %s", shape, err.msg);
+    if (!m) return;
+    const mdl_hparams *hp = cuda_model_hparams(m);
+    const int64_t V = hp->n_vocab, n_prompt = 1000, n_dec = 40, chunk = 128;
+    const int pt = 16;
+    const size_t elem = kv_dtype == CUDA_KV_FP8 ? 1 : 2;
+    int32_t *toks = (int32_t *)malloc(sizeof(int32_t) * (n_prompt + n_dec));
+    float *ref = (float *)malloc(sizeof(float) * V * (n_dec + 1));
+    float *lg = (float *)malloc(sizeof(float) * V);
+    for (int64_t i = 0; i < n_prompt + n_dec; i++)
+        toks[i] = i >= 300 && i < n_prompt ? toks[i - 300] : (int32_t)(rng() % (uint64_t)V);
+    for (int64_t i = n_prompt; i < n_prompt + n_dec; i++) toks[i] = toks[i - 250];
+
+    cuda_ctx_params p = cuda_ctx_default_params();
+    p.n_ctx = n_prompt + n_dec + 8;
+    p.n_chunk = chunk;
+    p.hip = hc;
+    p.kv_dtype = kv_dtype;
+    cuda_ctx *rc_ctx = cuda_ctx_init(m, &p, &err);
+    CHECK(rc_ctx != NULL, "reference ctx: %s", err.msg);
+    int rc = rc_ctx ? cuda_prefill(rc_ctx, 0, toks, n_prompt, ref, NULL, NULL, &err) : -1;
+    for (int64_t s = 0; s < n_dec && rc == 0; s++)
+        rc = cuda_decode(rc_ctx, 0, toks[n_prompt + s], ref + (s + 1) * V, &err);
+    CHECK(rc == 0, "%s %s reference: %s", shape, what, err.msg);
+    cuda_ctx_free(rc_ctx);
+
+    /* paged prefill with a sink; ring of 2 chunks: the prompt must leave the GPU */
+    struct host_pages h;
+    const int64_t max_pages = (p.n_ctx + pt - 1) / pt;
+    CHECK(hp_init(&h, hp, pt, elem, max_pages) == 0, "host pages");
+    cuda_ctx_params pp = p;
+    pp.page_tokens = pt;
+    pp.tail_tokens = 2 * chunk + pt;
+    pp.sa_cache_tokens = -1;
+    pp.mask_cache_tokens = -1;
+    cuda_ctx *pc = cuda_ctx_init(m, &pp, &err);
+    CHECK(pc != NULL, "paged prefill ctx: %s", err.msg);
+    rc = pc ? cuda_ctx_set_page_sink(pc, sink, &h) : -1;
+    if (rc == 0) rc = cuda_prefill(pc, 0, toks, n_prompt, lg, NULL, NULL, &err);
+    if (rc == 0) rc = cuda_ctx_flush(pc, 0, &err);
+    CHECK(rc == 0, "%s %s paged prefill: %s", shape, what, err.msg);
+    if (rc == 0) {
+        CHECK(n_diff(lg, ref, V) == 0, "%s %s (%s KV): paged prefill logits differ from resident",
+              shape, what, elem == 1 ? "fp8" : "bf16");
+        cuda_offload_stats st;
+        cuda_ctx_offload_stats(pc, &st);
+        CHECK(st.bytes_d2h == (uint64_t)h.n_layer * ((n_prompt + pt - 1) / pt) * h.page_bytes,
+              "sink bytes %llu", (unsigned long long)st.bytes_d2h);
+        CHECK(cuda_ctx_kv_bytes(pc) < (size_t)h.n_layer * n_prompt * 2 * elem * hp->n_head_kv *
+                                          hp->head_dim,
+              "paged prefill GPU KV %zu not below the prompt's KV", cuda_ctx_kv_bytes(pc));
+    }
+    cuda_ctx_free(pc);
+
+    /* decode contexts bound to the host pages */
+    const int64_t caches[3][2] = {{pt, pt}, {4096, 4096}, {-1, -1}};
+    const char *cname[3] = {"one-page caches", "large caches", "no caches"};
+    for (int ci = 0; ci < 3 && rc == 0; ci++) {
+        cuda_ctx_params dp = pp;
+        dp.tail_tokens = n_dec + 2 * pt;
+        dp.sa_cache_tokens = caches[ci][0];
+        dp.mask_cache_tokens = caches[ci][1];
+        cuda_ctx *dc = cuda_ctx_init(m, &dp, &err);
+        CHECK(dc != NULL, "decode ctx: %s", err.msg);
+        if (!dc) break;
+        int r2 = bind(dc, &h, n_prompt, pt, &err);
+        int64_t bad_steps = 0;
+        for (int64_t s = 0; s < n_dec && r2 == 0; s++) {
+            r2 = cuda_decode(dc, 0, toks[n_prompt + s], lg, &err);
+            if (r2 == 0 && n_diff(lg, ref + (s + 1) * V, V)) bad_steps++;
+        }
+        CHECK(r2 == 0, "%s %s %s decode: %s", shape, what, cname[ci], err.msg);
+        CHECK(bad_steps == 0, "%s %s (%s KV) %s: %lld of %lld decode steps differ from resident",
+              shape, what, elem == 1 ? "fp8" : "bf16", cname[ci], (long long)bad_steps,
+              (long long)n_dec);
+        cuda_offload_stats st;
+        cuda_ctx_offload_stats(dc, &st);
+        if (hc && ci == 0)
+            CHECK(st.sa_overflow > 0 && st.sa_overflow * 2 > st.sa_needed,
+                  "one-page cache: needed %llu, overflow %llu (most should overflow)",
+                  (unsigned long long)st.sa_needed, (unsigned long long)st.sa_overflow);
+        if (hc && ci == 1)
+            CHECK(st.sa_hits > 0 && st.sa_installs > 0 && st.sa_overflow == 0 &&
+                      st.mk_installs > 0,
+                  "large caches: hits %llu installs %llu overflow %llu, keys installs %llu",
+                  (unsigned long long)st.sa_hits, (unsigned long long)st.sa_installs,
+                  (unsigned long long)st.sa_overflow, (unsigned long long)st.mk_installs);
+        printf("  %s %-24s %s KV, %-15s: %lld decode steps bit-identical; K‖V cache needed %llu "
+               "hit %llu installed %llu overflow %llu; keys cache needed %llu hit %llu installed "
+               "%llu\n",
+               shape, what, elem == 1 ? "fp8" : "bf16", cname[ci], (long long)(n_dec - bad_steps),
+               (unsigned long long)st.sa_needed, (unsigned long long)st.sa_hits,
+               (unsigned long long)st.sa_installs, (unsigned long long)st.sa_overflow,
+               (unsigned long long)st.mk_needed, (unsigned long long)st.mk_hits,
+               (unsigned long long)st.mk_installs);
+        cuda_ctx_free(dc);
+    }
+    hp_free(&h);
+    free(toks);
+    free(ref);
+    free(lg);
+    cuda_model_free(m);
+}
+
+static void test_errors(void)
+{
+    cm_err err = {};
+    cuda_model *m = cuda_model_synthetic("tiny", 5, 0, &err);
+    if (!m) return;
+    cuda_ctx_params p = cuda_ctx_default_params();
+    p.n_ctx = 256;
+    p.n_chunk = 32;
+    cuda_ctx *c = cuda_ctx_init(m, &p, &err);
+    uint64_t a[64] = {0};
+    CHECK(c && cuda_ctx_bind_host(c, 0, 16, a, a, &err) == -EINVAL, "bind on a non-paged ctx");
+    cuda_ctx_free(c);
+    p.page_tokens = 12;
+    CHECK(cuda_ctx_init(m, &p, &err) == NULL && err.code == -EINVAL, "page_tokens 12 accepted");
+    p.page_tokens = 16;
+    p.tail_tokens = 64;
+    c = cuda_ctx_init(m, &p, &err);
+    CHECK(c != NULL, "paged ctx: %s", err.msg);
+    if (c) {
+        for (int i = 0; i < 64; i++) a[i] = 0x1000 + 16 * (uint64_t)i;
+        a[3] = 0x1008;
+        CHECK(cuda_ctx_bind_host(c, 0, 16 * 2, a, a, &err) == -EINVAL, "misaligned accepted");
+        CHECK(cuda_ctx_bind_host(c, 3, 16, a, a, &err) == -EINVAL, "bad seq accepted");
+        int32_t t[200];
+        for (int i = 0; i < 200; i++) t[i] = i;
+        const int rc = cuda_prefill(c, 0, t, 200, NULL, NULL, NULL, &err);
+        CHECK(rc == -CM_ELIMIT, "ring overflow without a sink: %d (%s)", rc, err.msg);
+        CHECK(cuda_ctx_flush(c, 0, &err) == -EINVAL, "flush without a sink");
+    }
+    cuda_ctx_free(c);
+    cuda_model_free(m);
+}
+
+static void test_real(const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        printf("skip part 3: no model at %s (set IHIP_MODEL)\n", path);
+        return;
+    }
+    fclose(f);
+    cm_err err = {};
+    mdl_model *cm = mdl_model_load(path, &err);
+    cuda_model *gm = cm ? cuda_model_load(cm, 0, &err) : NULL;
+    CHECK(gm != NULL, "load: %s", err.msg);
+    hip_config *hc = (hip_config *)malloc(sizeof(hip_config));
+    if (!gm || !hc) {
+        free(hc);
+        cuda_model_free(gm);
+        mdl_model_free(cm);
+        return;
+    }
+    small_hip(hc, false);
+    const int64_t V = cm->hp.n_vocab, n = 2600, chunk = 256;
+    const int N_GEN = 16, pt = 64;
+    int32_t *ids = (int32_t *)malloc(sizeof(int32_t) * n);
+    for (int64_t i = 0; i < n; i++) /* a random "document" of 400 tokens, repeated */
+        ids[i] = i < 400 ? (int32_t)(1000 + rng() % 20000) : ids[i - 400];
+    float *lc = (float *)malloc(sizeof(float) * V * (N_GEN + 1));
+    float *lg = (float *)malloc(sizeof(float) * V);
+    int32_t ctoks[32];
+    /* CPU with the HiP provider */
+    mdl_ctx_params cp = mdl_ctx_default_params();
+    cp.n_ctx = n + N_GEN + 8;
+    cp.n_chunk = chunk;
+    cp.n_threads = 8;
+    mdl_ctx *cc = mdl_ctx_init(cm, &cp, &err);
+    mdl_attn attn;
+    int rc = cc ? hip_attn_provider_init(&attn, cm, hc, &err) : -1;
+    if (rc == 0) mdl_ctx_set_attn(cc, &attn);
+    uint64_t t0 = cm_time_ns();
+    if (rc == 0) rc = mdl_prefill(cc, ids, n, lc, NULL, NULL, &err);
+    for (int s = 0; s < N_GEN && rc == 0; s++) {
+        ctoks[s] = (int32_t)argmax(lc + s * V, V);
+        rc = mdl_decode(cc, ctoks[s], lc + (s + 1) * V, &err);
+    }
+    CHECK(rc == 0, "cpu: %s", err.msg);
+    printf("part 3: CPU HiP prefill %lld + %d greedy steps in %.1f s\n", (long long)n, N_GEN,
+           (double)(cm_time_ns() - t0) / 1e9);
+    /* GPU: paged prefill into host pages, bound decode with one-page caches */
+    struct host_pages h;
+    cuda_ctx_params gp = cuda_ctx_default_params();
+    gp.n_ctx = n + N_GEN + 8;
+    gp.n_chunk = chunk;
+    gp.hip = hc;
+    gp.page_tokens = pt;
+    gp.tail_tokens = 2 * chunk + pt;
+    gp.sa_cache_tokens = -1;
+    gp.mask_cache_tokens = -1;
+    CHECK(hp_init(&h, &cm->hp, pt, 2, (gp.n_ctx + pt - 1) / pt) == 0, "host pages");
+    cuda_ctx *pc = rc == 0 ? cuda_ctx_init(gm, &gp, &err) : NULL;
+    if (pc) rc = cuda_ctx_set_page_sink(pc, sink, &h);
+    if (pc && rc == 0) rc = cuda_prefill(pc, 0, ids, n, lg, NULL, NULL, &err);
+    if (pc && rc == 0) rc = cuda_ctx_flush(pc, 0, &err);
+    CHECK(pc && rc == 0, "gpu paged prefill: %s", err.msg);
+    cuda_ctx_free(pc);
+    gp.sa_cache_tokens = pt;
+    gp.mask_cache_tokens = pt;
+    gp.tail_tokens = 4 * pt;
+    cuda_ctx *dc = rc == 0 ? cuda_ctx_init(gm, &gp, &err) : NULL;
+    if (dc) rc = bind(dc, &h, n, pt, &err);
+    int ties = 0, hard = 0;
+    for (int s = 0; s < N_GEN && dc && rc == 0; s++) {
+        const float *ref = lc + s * V;
+        if (s > 0) rc = cuda_decode(dc, 0, ctoks[s - 1], lg, &err);
+        if (rc) break;
+        const int64_t ga = argmax(lg, V);
+        const float gap = top2_gap(ref, V);
+        if (ga != ctoks[s]) {
+            if (gap < 0.25f) ties++;
+            else hard++;
+        }
+        printf("part 3: step %2d cpu %6d gpu %6lld gap %.3f%s\n", s, ctoks[s], (long long)ga, gap,
+               ga == ctoks[s] ? "" : gap < 0.25f ? " (tie)" : " (DIFFERS)");
+    }
+    CHECK(dc && rc == 0, "gpu offload decode: %s", err.msg);
+    CHECK(hard == 0, "%d greedy tokens differ where the CPU's top-2 gap is >= 0.25", hard);
+    CHECK(ties <= 2, "%d ties (at most 2)", ties);
+    printf("part 3: real SmolLM2, %lld-token prompt, HiP (sink 32, window 128, k 128), KV in "
+           "host pages with one-page GPU caches: %d/%d greedy tokens equal the CPU's (%d ties)\n",
+           (long long)n, N_GEN - ties - hard, N_GEN, ties);
+    cuda_ctx_free(dc);
+    hp_free(&h);
+    mdl_ctx_free(cc);
+    free(ids);
+    free(lc);
+    free(lg);
+    free(hc);
+    cuda_model_free(gm);
+    mdl_model_free(cm);
+}
+
+int main(void)
+{
+    if (cuda_device_count() <= 0) {
+        printf("skip: no CUDA device visible\n");
+        return 77;
+    }
+    char desc[256];
+    if (cuda_device_describe(0, desc, sizeof(desc)) == 0) printf("device: %s\n", desc);
+    static hip_config fast, every;
+    small_hip(&fast, false);
+    small_hip(&every, true);
+    const char *shapes[2] = {"tiny", "smollm2-135m"};
+    for (int s = 0; s < 2; s++) {
+        test_equal(shapes[s], &fast, "HiP fast (32,16,8)", CUDA_KV_BF16);
+        test_equal(shapes[s], &every, "HiP refresh every step", CUDA_KV_BF16);
+        test_equal(shapes[s], NULL, "dense", CUDA_KV_BF16);
+    }
+    test_equal("tiny", &fast, "HiP fast (32,16,8)", CUDA_KV_FP8);
+    test_errors();
+    const char *path = getenv("IHIP_MODEL");
+    if (!path) path = "models/SmolLM2-135M-Instruct-Q4_1.gguf";
+    test_real(path);
+    printf("%d passed, %d failed\n", n_pass, n_fail);
+    return n_fail ? 1 : 0;
+}
