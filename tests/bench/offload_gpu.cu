@@ -30,7 +30,11 @@
  *   offload_gpu [--ctx-list 262144,1048576] [--kv fp8|bf16] [--steps 64] [--warmup 9]
  *               [--prof-steps 16] [--page 64] [--sa-cache 32768] [--mask-cache 65536]
  *               [--store-dir /dev/shm] [--store-max-gib G] [--alias-gib 24]
- *               [--prefill-list 131072] [--prefill-chunk 32768] [--preset fast] [--dev 0]
+ *               [--prefill-list 131072] [--prefill-chunk 32768] [--prefill-ring N|all]
+ *               [--preset fast] [--dev 0]
+ * --prefill-ring: GPU ring of the prefill context in tokens (0 = the default, two chunks: the
+ * prefix older than that is read from the store over the bus; all = the whole prompt stays on
+ * the GPU too, while every page is still written to the store after its chunk).
  * Sizes take a K or M suffix. Exit 0, 1 on an error, 77 without a GPU.
  */
 #include "backend/cuda/cuda-model.h"
@@ -53,7 +57,7 @@ struct opts {
     int n_ctx, n_pre;
     int kv_dtype;
     int steps, warmup, prof_steps, page;
-    int64_t sa_cache, mask_cache, prefill_chunk;
+    int64_t sa_cache, mask_cache, prefill_chunk, prefill_ring;
     const char *store_dir;
     double store_max_gib, alias_gib;
     int dev;
@@ -437,6 +441,7 @@ static void prefill_row(const cuda_model *m, const hip_config *hc, const struct 
     p.page_tokens = o->page;
     p.sa_cache_tokens = -1;
     p.mask_cache_tokens = -1;
+    p.tail_tokens = o->prefill_ring < 0 ? n + 64 : o->prefill_ring;
     cuda_ctx *c = cuda_ctx_init(m, &p, &err);
     int32_t *tok = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
     float *lg = (float *)malloc(sizeof(float) * (size_t)hp->n_vocab);
@@ -467,9 +472,10 @@ static void prefill_row(const cuda_model *m, const hip_config *hc, const struct 
         cuda_offload_stats st;
         cuda_ctx_offload_stats(c, &st);
         printf("  => %lld tokens in %.2f s (%.0f tokens/s), chunk %lld; %.2f GiB written to the "
-               "store; GPU KV (ring) %.2f GiB; published\n",
+               "store; GPU KV (ring) %.2f GiB = %.1f %% of the prompt's KV; published\n",
                (long long)n, s, (double)n / s, (long long)o->prefill_chunk,
-               (double)st.bytes_d2h / GiB, (double)cuda_ctx_kv_bytes(c) / GiB);
+               (double)st.bytes_d2h / GiB, (double)cuda_ctx_kv_bytes(c) / GiB,
+               100.0 * (double)cuda_ctx_kv_bytes(c) / (double)st.bytes_d2h);
     } else {
         printf("  FAILED: %s\n", err.msg);
     }
@@ -485,7 +491,7 @@ static void usage(void)
             "usage: offload_gpu [--ctx-list 262144,1048576] [--kv fp8|bf16] [--steps 64] "
             "[--warmup 9] [--prof-steps 16] [--page 64] [--sa-cache N] [--mask-cache N] "
             "[--store-dir DIR] [--store-max-gib G] [--alias-gib G] [--prefill-list N,...] "
-            "[--prefill-chunk N] [--preset fast|3k|flash] [--dev N]\n");
+            "[--prefill-chunk N] [--prefill-ring N|all] [--preset fast|3k|flash] [--dev N]\n");
 }
 
 int main(int argc, char **argv)
@@ -502,6 +508,7 @@ int main(int argc, char **argv)
     o.sa_cache = 32768;
     o.mask_cache = 65536;
     o.prefill_chunk = 32768;
+    o.prefill_ring = 0;
     o.store_dir = "/dev/shm";
     o.store_max_gib = 0.75 * mem_available_gib();
     o.alias_gib = 24;
@@ -534,6 +541,8 @@ int main(int argc, char **argv)
             o.sa_cache = parse_size(v, &e);
         } else if (!strcmp(a, "--mask-cache")) {
             o.mask_cache = parse_size(v, &e);
+        } else if (!strcmp(a, "--prefill-ring")) {
+            o.prefill_ring = !strcmp(v, "all") ? -1 : parse_size(v, &e);
         } else if (!strcmp(a, "--prefill-chunk")) {
             o.prefill_chunk = parse_size(v, &e);
         } else if (!strcmp(a, "--store-dir")) {

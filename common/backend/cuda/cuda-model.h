@@ -121,9 +121,12 @@ typedef struct cuda_ctx_params {
      *    blocks of a kvstore sequence in a cudaHostRegister'ed segment), read over the bus or
      *    copied into the two GPU caches below;
      *  - pages of tokens the context computes (prefill chunks, decode steps), in a GPU ring of
-     *    tail_tokens per sequence and layer; a page sink (cuda_ctx_set_page_sink) moves
-     *    complete pages out to host memory (prefill into the kvstore), which frees their ring
-     *    slots, so prefill GPU memory does not grow with the prompt.
+     *    tail_tokens per sequence and layer; a page sink (cuda_ctx_set_page_sink) copies
+     *    complete pages out to host memory after each prefill chunk (prefill into the
+     *    kvstore); the kernels keep reading a flushed page's ring copy until its ring slot is
+     *    reused, then read it from host memory. So prefill GPU memory is tail_tokens whatever
+     *    the prompt length: the last tail_tokens tokens are read from the GPU, older ones over
+     *    the bus (tail_tokens ≥ the prompt: everything from the GPU).
      * HiP decode then keeps, per layer, a K‖V cache (sa_cache_tokens) of the pages block-sparse
      * attention reads (mask-selected blocks, sink, window) and a keys-only cache
      * (mask_cache_tokens) of the pages the cached mask stages rescan (the stage-1 candidates);

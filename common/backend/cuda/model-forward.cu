@@ -699,6 +699,8 @@ extern "C" int cuda_prefill(cuda_ctx *c, int seq, const int32_t *tokens, int64_t
         }
         struct att_group g = {seq, 0, k, pos0};
         const bool last = done + k == n;
+        if (c->pg && (rc = paged_prepare(c, seq, pos0, k)) < 0)
+            return cm_err_set(err, rc, "cuda model: page table update failed");
         rc = forward(c, k, &g, 1, k - 1, last ? 1 : 0, err);
         if (rc == 0 && (last || progress)) rc = finish(c, last ? logits : NULL, 1, err);
         if (rc < 0) return rc;
@@ -739,6 +741,11 @@ extern "C" int cuda_decode_batch(cuda_ctx *c, int B, const int *seqs, const int3
         g[i].row0 = i;
         g[i].n = 1;
         g[i].pos0 = c->n_past[seqs[i]];
+        int rc = c->pg ? paged_prepare(c, seqs[i], g[i].pos0, 1) : 0;
+        if (rc < 0) {
+            if (g != gs) free(g);
+            return cm_err_set(err, rc, "cuda model: page table update failed");
+        }
     }
     if (c->pg) {
         const char *pe = getenv("IHIP_OFFLOAD_PROFILE");

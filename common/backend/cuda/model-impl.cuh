@@ -64,7 +64,9 @@ struct cuda_paged {
     size_t page_bytes, half_bytes;
     uint8_t *ring_dev;         /* [n_seq][n_layer][ring][page_bytes] */
     unsigned long long *tab;   /* [n_seq][n_layer][PT_N][max_pages] */
-    int64_t *tail0;            /* host [n_seq]: pages >= tail0 live in the ring */
+    int64_t *tail0;            /* host [n_seq]: pages >= tail0 live in the ring (home) */
+    int64_t *ring_lo;          /* host [n_seq]: flushed pages [ring_lo, tail0) are still read
+                                * from their ring copy (write-through until the slot is reused) */
     struct cuda_cache sa, mk;
     uint32_t tick;             /* refresh counter (0 never used) */
     unsigned long long *stat_dev; /* [16] device counters */
@@ -166,6 +168,9 @@ void paged_store(cuda_ctx *c, int il, const float *qkv, int64_t n);
 /* After a decode refresh of (seq, layer) starting at stage fs: update the caches. */
 int paged_after_refresh(cuda_ctx *c, int il, int seq, int fs, const cuda_hip_mask *m,
                         int64_t n_kv);
+/* Before rows at [pos0, pos0 + n) of seq are stored: flushed pages whose ring slots they reuse
+ * are read from host memory from now on. */
+int paged_prepare(cuda_ctx *c, int seq, int64_t pos0, int64_t n);
 /* After a prefill chunk: hand complete pages to the sink. */
 int paged_after_chunk(cuda_ctx *c, int seq, bool all, cm_err *err);
 void paged_prof_mark(cuda_ctx *c, int i);

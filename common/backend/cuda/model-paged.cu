@@ -87,6 +87,19 @@ static __global__ void cache_forget_kernel(long long *owner, uint32_t *tick, int
         }
 }
 
+/* Tables of (seq, every layer), pages [q0, q1): what the kernels read ← the home. */
+static __global__ void repoint_kernel(unsigned long long *tab, int64_t max_pages, int64_t q0,
+                                      int64_t q1)
+{
+    unsigned long long *t = tab + (size_t)blockIdx.y * PT_N * (size_t)max_pages;
+    for (int64_t q = q0 + (int64_t)blockIdx.x * blockDim.x + threadIdx.x; q < q1;
+         q += (int64_t)gridDim.x * blockDim.x) {
+        t[PT_SA_K * max_pages + q] = t[PT_HOME_K * max_pages + q];
+        t[PT_SA_V * max_pages + q] = t[PT_HOME_V * max_pages + q];
+        t[PT_MK_K * max_pages + q] = t[PT_HOME_K * max_pages + q];
+    }
+}
+
 /* (index, value) pairs → tab. */
 static __global__ void scatter_kernel(unsigned long long *tab, const unsigned long long *fix,
                                       int64_t n)
@@ -344,9 +357,10 @@ int paged_init(cuda_ctx *c, const cuda_ctx_params *p, cm_err *err)
     pg->half_bytes = (size_t)hp->n_head_kv * (size_t)pt * (size_t)hp->head_dim * c->kv_elem;
     pg->page_bytes = 2 * pg->half_bytes;
     pg->tail0 = (int64_t *)calloc((size_t)c->n_seq, sizeof(int64_t));
+    pg->ring_lo = (int64_t *)calloc((size_t)c->n_seq, sizeof(int64_t));
     pg->fix_cap = 5 * (int64_t)n_layer * (pg->ring + 2);
     pg->prof = getenv("IHIP_OFFLOAD_PROFILE") && atoi(getenv("IHIP_OFFLOAD_PROFILE")) > 0;
-    if (!pg->tail0) return cm_err_set(err, -ENOMEM, "out of memory");
+    if (!pg->tail0 || !pg->ring_lo) return cm_err_set(err, -ENOMEM, "out of memory");
     const size_t ring_bytes = (size_t)c->n_seq * n_layer * (size_t)pg->ring * pg->page_bytes;
     const size_t tab_bytes =
         sizeof(unsigned long long) * (size_t)c->n_seq * n_layer * PT_N * (size_t)pg->max_pages;
@@ -397,6 +411,7 @@ void paged_free(cuda_ctx *c)
     for (int i = 0; i < 4; i++)
         if (pg->ev[i]) cudaEventDestroy(pg->ev[i]);
     free(pg->tail0);
+    free(pg->ring_lo);
     free(pg);
     c->pg = NULL;
 }
@@ -428,6 +443,7 @@ void paged_reset(cuda_ctx *c, int seq)
 {
     cuda_paged *pg = c->pg;
     pg->tail0[seq] = 0;
+    pg->ring_lo[seq] = 0;
     cache_forget(c, &pg->sa, seq);
     cache_forget(c, &pg->mk, seq);
     tab_to_ring(c, seq, 0);
@@ -595,9 +611,11 @@ static int sink_pages(cuda_ctx *c, int seq, int64_t p_end, cm_err *err)
                 return cm_err_set(err, CUDA_ERR(e), "copy of a page to the sink: %s",
                                   cudaGetErrorString(e));
             pg->st.bytes_d2h += pg->page_bytes;
+            /* the page now lives in host memory; the kernels keep reading its ring copy until
+             * the ring slot is reused (paged_prepare) */
             const size_t t0 = tab_index(c, seq, il, 0);
-            const unsigned long long v[PT_N] = {ka, va, ka, va, ka};
-            for (int t = 0; t < PT_N; t++) {
+            const unsigned long long v[2] = {ka, va};
+            for (int t = 0; t < 2; t++) {
                 pg->fix_host[2 * nf] = t0 + (size_t)t * pg->max_pages + (size_t)p;
                 pg->fix_host[2 * nf + 1] = v[t];
                 nf++;
@@ -623,6 +641,25 @@ int paged_after_chunk(cuda_ctx *c, int seq, bool all, cm_err *err)
     const int64_t p_end = all ? (n + pg->pt - 1) / pg->pt : n / pg->pt;
     if (p_end <= pg->tail0[seq]) return 0;
     return sink_pages(c, seq, p_end, err);
+}
+
+int paged_prepare(cuda_ctx *c, int seq, int64_t pos0, int64_t n)
+{
+    cuda_paged *pg = c->pg;
+    const int n_layer = (int)c->m->hp.n_layer;
+    /* Flushed pages [ring_lo, tail0) are still read from their ring copy. The pages up to
+     * (pos0 + n - 1) / pt take over the ring slots of pages below lose_end: point the kernels at
+     * the host copy of those first (paged_check_room keeps every write within the ring, so they
+     * are all flushed). */
+    const int64_t lose_end =
+        CM_MIN((pos0 + n - 1) / pg->pt - pg->ring + 1, pg->tail0[seq]);
+    if (lose_end <= pg->ring_lo[seq]) return 0;
+    dim3 grid((unsigned)CM_MIN((lose_end - pg->ring_lo[seq] + 255) / 256, (int64_t)1024),
+              (unsigned)n_layer);
+    repoint_kernel<<<grid, 256, 0, c->stream>>>(pg->tab + tab_index(c, seq, 0, 0), pg->max_pages,
+                                                pg->ring_lo[seq], lose_end);
+    pg->ring_lo[seq] = lose_end;
+    return cuerr(cudaGetLastError());
 }
 
 extern "C" int cuda_ctx_set_page_sink(cuda_ctx *c, cuda_page_sink_fn fn, void *user)
@@ -693,6 +730,7 @@ extern "C" int cuda_ctx_bind_host(cuda_ctx *c, int seq, int64_t n_tokens, const 
         /* pageable source: the copy has read h when cudaMemcpyAsync returns */
     }
     pg->tail0[seq] = full;
+    pg->ring_lo[seq] = full;
     if (n_pages > full) /* the partial last page → its ring slot (decode appends after it) */
         for (int il = 0; il < n_layer && e == cudaSuccess; il++) {
             const unsigned long long r = ring_addr(c, seq, il, full);
