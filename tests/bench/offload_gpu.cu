@@ -35,6 +35,10 @@
  * --prefill-ring: GPU ring of the prefill context in tokens (0 = the default, two chunks: the
  * prefix older than that is read from the store over the bus; all = the whole prompt stays on
  * the GPU too, while every page is still written to the store after its chunk).
+ * --prefill-stage: per-layer prefix staging buffers in tokens (0 = none; all = the prompt):
+ * the prefix older than the ring is copied back per layer, overlapped with the previous layer.
+ * --prefill-resident 1: the same prefill with a non-paged context (whole KV on the GPU, no
+ * store): the baseline.
  * Sizes take a K or M suffix. Exit 0, 1 on an error, 77 without a GPU.
  */
 #include "backend/cuda/cuda-model.h"
@@ -57,7 +61,8 @@ struct opts {
     int n_ctx, n_pre;
     int kv_dtype;
     int steps, warmup, prof_steps, page;
-    int64_t sa_cache, mask_cache, prefill_chunk, prefill_ring;
+    int64_t sa_cache, mask_cache, prefill_chunk, prefill_ring, prefill_stage;
+    bool prefill_resident;
     const char *store_dir;
     double store_max_gib, alias_gib;
     int dev;
@@ -442,10 +447,39 @@ static void prefill_row(const cuda_model *m, const hip_config *hc, const struct 
     p.sa_cache_tokens = -1;
     p.mask_cache_tokens = -1;
     p.tail_tokens = o->prefill_ring < 0 ? n + 64 : o->prefill_ring;
+    p.stage_tokens = o->prefill_stage < 0 ? n : o->prefill_stage;
+    if (o->prefill_resident) { /* the baseline: KV resident on the GPU, no store */
+        p.page_tokens = 0;
+        p.tail_tokens = p.stage_tokens = 0;
+        printf("  (baseline: non-paged context, whole KV on the GPU, nothing written out)\n");
+    }
     cuda_ctx *c = cuda_ctx_init(m, &p, &err);
     int32_t *tok = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
     float *lg = (float *)malloc(sizeof(float) * (size_t)hp->n_vocab);
     int rc = c && tok && lg ? 0 : -ENOMEM;
+    if (rc == 0 && o->prefill_resident) {
+        uint64_t x = 88172645463325252ULL;
+        for (int64_t i = 0; i < n; i++) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            tok[i] = (int32_t)(x % (uint64_t)hp->n_vocab);
+        }
+        uint64_t t0 = cm_time_ns();
+        rc = cuda_prefill(c, 0, tok, n, lg, prefill_progress, &t0, &err);
+        const double s = (double)(cm_time_ns() - t0) / 1e9;
+        if (rc == 0)
+            printf("  => %lld tokens in %.2f s (%.0f tokens/s), chunk %lld, KV resident on the "
+                   "GPU (%.2f GiB)\n",
+                   (long long)n, s, (double)n / s, (long long)o->prefill_chunk,
+                   (double)cuda_ctx_kv_bytes(c) / GiB);
+        else
+            printf("  FAILED: %s\n", err.msg);
+        cuda_ctx_free(c);
+        free(tok);
+        free(lg);
+        return;
+    }
     if (rc == 0)
         rc = make_segment(&h, hp, o, (uint32_t)(n_pages * n_layer), (uint32_t)(n_pages * n_layer),
                           &err);
@@ -472,9 +506,11 @@ static void prefill_row(const cuda_model *m, const hip_config *hc, const struct 
         cuda_offload_stats st;
         cuda_ctx_offload_stats(c, &st);
         printf("  => %lld tokens in %.2f s (%.0f tokens/s), chunk %lld; %.2f GiB written to the "
-               "store; GPU KV (ring) %.2f GiB = %.1f %% of the prompt's KV; published\n",
+               "store, %.2f GiB staged back; GPU KV (ring + staging) %.2f GiB = %.1f %% of the "
+               "prompt's KV; published\n",
                (long long)n, s, (double)n / s, (long long)o->prefill_chunk,
-               (double)st.bytes_d2h / GiB, (double)cuda_ctx_kv_bytes(c) / GiB,
+               (double)st.bytes_d2h / GiB, (double)st.bytes_h2d_stage / GiB,
+               (double)cuda_ctx_kv_bytes(c) / GiB,
                100.0 * (double)cuda_ctx_kv_bytes(c) / (double)st.bytes_d2h);
     } else {
         printf("  FAILED: %s\n", err.msg);
@@ -491,7 +527,9 @@ static void usage(void)
             "usage: offload_gpu [--ctx-list 262144,1048576] [--kv fp8|bf16] [--steps 64] "
             "[--warmup 9] [--prof-steps 16] [--page 64] [--sa-cache N] [--mask-cache N] "
             "[--store-dir DIR] [--store-max-gib G] [--alias-gib G] [--prefill-list N,...] "
-            "[--prefill-chunk N] [--prefill-ring N|all] [--preset fast|3k|flash] [--dev N]\n");
+            "[--prefill-chunk N] [--prefill-ring N|all] [--prefill-stage N|all] "
+            "[--prefill-resident 0|1] "
+            "[--preset fast|3k|flash] [--dev N]\n");
 }
 
 int main(int argc, char **argv)
@@ -509,6 +547,7 @@ int main(int argc, char **argv)
     o.mask_cache = 65536;
     o.prefill_chunk = 32768;
     o.prefill_ring = 0;
+    o.prefill_stage = -1;
     o.store_dir = "/dev/shm";
     o.store_max_gib = 0.75 * mem_available_gib();
     o.alias_gib = 24;
@@ -541,6 +580,10 @@ int main(int argc, char **argv)
             o.sa_cache = parse_size(v, &e);
         } else if (!strcmp(a, "--mask-cache")) {
             o.mask_cache = parse_size(v, &e);
+        } else if (!strcmp(a, "--prefill-resident")) {
+            o.prefill_resident = atoi(v) != 0;
+        } else if (!strcmp(a, "--prefill-stage")) {
+            o.prefill_stage = !strcmp(v, "all") ? -1 : parse_size(v, &e);
         } else if (!strcmp(a, "--prefill-ring")) {
             o.prefill_ring = !strcmp(v, "all") ? -1 : parse_size(v, &e);
         } else if (!strcmp(a, "--prefill-chunk")) {

@@ -7,7 +7,8 @@
  *      every step, and dense attention: a contiguous context (reference) prefills a prompt in
  *      chunks and decodes teacher-forced; a paged context prefills the same prompt with a page
  *      sink into pinned host memory (a GPU ring smaller than the prompt, so pages MUST leave the
- *      GPU); decode contexts bound to those host pages then decode the same tokens with
+ *      GPU; part of the older prefix is staged back per layer, the rest read over the bus);
+ *      decode contexts bound to those host pages then decode the same tokens with
  *        (a) one-page caches: nearly every needed page misses and overflows (read over the bus),
  *        (b) large caches: pages are installed and hit,
  *        (c) no caches;
@@ -218,6 +219,7 @@ static void test_equal(const char *shape, const hip_config *hc, const char *what
     pp.tail_tokens = 2 * chunk + pt;
     pp.sa_cache_tokens = -1;
     pp.mask_cache_tokens = -1;
+    pp.stage_tokens = 384; /* stages part of the prefix; older pages are read over the bus */
     cuda_ctx *pc = cuda_ctx_init(m, &pp, &err);
     CHECK(pc != NULL, "paged prefill ctx: %s", err.msg);
     rc = pc ? cuda_ctx_set_page_sink(pc, sink, &h) : -1;
@@ -231,11 +233,13 @@ static void test_equal(const char *shape, const hip_config *hc, const char *what
         cuda_ctx_offload_stats(pc, &st);
         CHECK(st.bytes_d2h == (uint64_t)h.n_layer * ((n_prompt + pt - 1) / pt) * h.page_bytes,
               "sink bytes %llu", (unsigned long long)st.bytes_d2h);
+        CHECK(st.bytes_h2d_stage > 0, "the prefill staged nothing");
         CHECK(cuda_ctx_kv_bytes(pc) < (size_t)h.n_layer * n_prompt * 2 * elem * hp->n_head_kv *
                                           hp->head_dim,
               "paged prefill GPU KV %zu not below the prompt's KV", cuda_ctx_kv_bytes(pc));
     }
     cuda_ctx_free(pc);
+    pp.stage_tokens = 0;
 
     /* decode contexts bound to the host pages */
     const int64_t caches[3][2] = {{pt, pt}, {4096, 4096}, {-1, -1}};
@@ -408,9 +412,12 @@ static void test_real(const char *path)
     /* Decode steps 1.. run on the offloaded KV: their tokens must be the CPU's (ties apart).
      * Step 0 is the prefill's last-token logits, HiP prefill on the CPU (8-bit activations in
      * the dot products) vs the GPU (bf16): at 2600 tokens the two pick slightly different key
-     * blocks for some query blocks, and on 2026-11-28 (H200) the GPU's argmax was the CPU's
-     * 2nd token (gap 0.52) while every decode step agreed; the check there is that the GPU's
-     * token is among the CPU's top 3. */
+     * blocks for some query blocks. The check is that the GPU's token is among the CPU's top 3.
+     * OPEN (2026-11-28, H200): it fails — the GPU's argmax was the CPU's #1728 (CPU top-2 gap
+     * 0.52) while all 15 decode steps on the same KV agreed (1 tie), and the synthetic parts
+     * show paged == resident bit for bit, so the offload is not the cause; the last prefill
+     * chunk here has 40 tokens (< one query block): CPU vs GPU HiP prefill of a partial query
+     * block on a real model is the suspect. Left failing until explained. */
     CHECK(dc && rc == 0, "gpu offload decode: %s", err.msg);
     CHECK(hard == 0, "%d decode tokens differ where the CPU's top-2 gap is >= 0.25", hard);
     CHECK(ties <= 2, "%d ties (at most 2)", ties);

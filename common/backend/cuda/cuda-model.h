@@ -137,6 +137,14 @@ typedef struct cuda_ctx_params {
                                 * and at least 4096) */
     int64_t sa_cache_tokens;   /* per layer (0 = 32768; < 0: no cache) */
     int64_t mask_cache_tokens; /* per layer (0 = 65536; < 0: no cache) */
+    /* Prefill prefix staging (HIP.md §6 "prefill with offload"): before each layer of a prefill
+     * chunk, the prefix pages that are only in host memory (older than the ring) are copied,
+     * for that layer only, into one of two GPU buffers of stage_tokens tokens (the next layer's
+     * copy overlaps this layer's compute on a second stream), so prefill attention reads them
+     * from the GPU instead of over the bus. Prefixes longer than stage_tokens stage their most
+     * recent stage_tokens and read the rest over the bus. GPU memory: 2 × stage_tokens tokens of
+     * ONE layer's K and V. 0 = off. */
+    int64_t stage_tokens;
 } cuda_ctx_params;
 
 /* Default fp8 per-tensor scale: K/V of order one (what RMS-normed activations times 1/sqrt(n_in)
@@ -225,6 +233,7 @@ typedef struct cuda_offload_stats {
     uint64_t mk_updates, mk_needed, mk_hits, mk_installs, mk_overflow;
     uint64_t bytes_h2d;            /* cache installs (the bus reads of misses are not counted) */
     uint64_t bytes_d2h;            /* pages written to the sink */
+    uint64_t bytes_h2d_stage;      /* prefill prefix staging copies */
     uint64_t decode_steps;         /* cuda_decode_batch calls */
     uint64_t refresh[4];           /* decode layer-steps by first stage run: 0, 1, 2, none */
     double ms_mask, ms_cache, ms_attn; /* summed over decode layer-steps (profile only) */

@@ -291,6 +291,7 @@ static int forward(cuda_ctx *c, int64_t n, const struct att_group *g, int n_g, i
                               cudaMemcpyHostToDevice, st)));
     embed_kernel<<<(unsigned)n, 256, 0, st>>>(c->tok_dev, m->tok_embd, c->x, E);
     TRY(cuerr(cudaGetLastError()));
+    if (c->pg && n_g == 1 && g[0].n > 1) TRY(paged_stage_begin(c, g[0].seq));
 
     for (int il = 0; il < (int)hp->n_layer; il++) {
         const struct cuda_layer *L = &m->layers[il];
@@ -307,6 +308,7 @@ static int forward(cuda_ctx *c, int64_t n, const struct att_group *g, int n_g, i
             qkv_store_kernel<<<(unsigned)n, 256, 0, st>>>(
                 c->qkv, c->slot_dev, c->q, (bf16 *)c->k[il], (bf16 *)c->v[il], qd, kvd, 1.0f, 1.0f);
         TRY(cuerr(cudaGetLastError()));
+        if (c->pg) TRY(paged_stage_before(c, il));
         for (int i = 0; i < n_g; i++) {
             rc = attend(c, il, g[i].seq, c->q + g[i].row0 * qd, g[i].pos0, g[i].n,
                         c->ao + g[i].row0 * qd);
@@ -322,6 +324,7 @@ static int forward(cuda_ctx *c, int64_t n, const struct att_group *g, int n_g, i
                 return rc;
             }
         }
+        if (c->pg) TRY(paged_stage_after(c, il));
         to_bf16_kernel<<<grid_for(n * qd), 256, 0, st>>>(c->ao, c->aob, n * qd);
         TRY(gemm(c, L->wo, E, qd, c->aob, n, c->x, E, 1.0f));
         rms_norm_bf16_kernel<<<(unsigned)n, 256, 0, st>>>(c->x, L->ffn_norm, c->xn, E, hp->rms_eps);

@@ -76,6 +76,16 @@ struct cuda_paged {
     unsigned long long *fix_dev;  /* [cap][2] (table index, value) scatter list */
     unsigned long long *fix_host; /* pinned mirror */
     int64_t fix_cap;
+    /* prefill prefix staging (stage_pages > 0): two buffers of stage_pages pages; layer l's
+     * prefix pages [st_p0, st_p1) are copied into buffer l % 2 on st_stream while layer l - 1
+     * computes */
+    int64_t stage_pages;
+    uint8_t *stage_dev[2];
+    cudaStream_t st_stream;
+    cudaEvent_t st_copied[2], st_free[2];
+    int64_t st_p0, st_p1;
+    int st_seq;
+    bool st_on;
     bool prof;
     cudaEvent_t ev[4];
     double prof_ms[3];
@@ -171,6 +181,10 @@ int paged_after_refresh(cuda_ctx *c, int il, int seq, int fs, const cuda_hip_mas
 /* Before rows at [pos0, pos0 + n) of seq are stored: flushed pages whose ring slots they reuse
  * are read from host memory from now on. */
 int paged_prepare(cuda_ctx *c, int seq, int64_t pos0, int64_t n);
+/* Prefix staging around the layers of one prefill chunk of seq (no-ops when off). */
+int paged_stage_begin(cuda_ctx *c, int seq);
+int paged_stage_before(cuda_ctx *c, int il);
+int paged_stage_after(cuda_ctx *c, int il);
 /* After a prefill chunk: hand complete pages to the sink. */
 int paged_after_chunk(cuda_ctx *c, int seq, bool all, cm_err *err);
 void paged_prof_mark(cuda_ctx *c, int i);

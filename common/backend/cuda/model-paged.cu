@@ -266,6 +266,30 @@ static __global__ void install_kernel(const int32_t *list, const int32_t *assign
     }
 }
 
+/* Staging: page p0 + i of one layer (tables tab_l) → buf + i * page_bytes, then point the
+ * kernels' tables of that layer at the copy. One block per page (grid-stride). */
+static __global__ void stage_kernel(unsigned long long *tab_l, int64_t max_pages, int64_t p0,
+                                    int64_t n, uint8_t *buf, size_t half)
+{
+    for (int64_t i = blockIdx.x; i < n; i += gridDim.x) {
+        const int64_t p = p0 + i;
+        uint4 *dst = (uint4 *)(buf + (size_t)i * 2 * half);
+        const uint4 *k = (const uint4 *)(uintptr_t)tab_l[PT_HOME_K * max_pages + p];
+        const uint4 *v = (const uint4 *)(uintptr_t)tab_l[PT_HOME_V * max_pages + p];
+        const size_t nv = half / 16;
+        for (size_t j = threadIdx.x; j < nv; j += blockDim.x) {
+            dst[j] = k[j];
+            dst[nv + j] = v[j];
+        }
+        if (threadIdx.x == 0) {
+            const unsigned long long a = (unsigned long long)(uintptr_t)dst;
+            tab_l[PT_SA_K * max_pages + p] = a;
+            tab_l[PT_SA_V * max_pages + p] = a + half;
+            tab_l[PT_MK_K * max_pages + p] = a;
+        }
+    }
+}
+
 /* Synthetic K/V into pages at the given addresses (benchmarks). */
 template <typename T>
 static __global__ void fill_pages_kernel(const unsigned long long *ka, const unsigned long long *va,
@@ -387,8 +411,25 @@ int paged_init(cuda_ctx *c, const cuda_ctx_params *p, cm_err *err)
         rc = cache_init(c, &pg->mk, p->mask_cache_tokens == 0 ? 65536 : p->mask_cache_tokens,
                         pg->half_bytes, err);
     if (rc) return rc;
+    if (p->stage_tokens > 0) {
+        pg->stage_pages = CM_MIN((p->stage_tokens + pt - 1) / pt, pg->max_pages);
+        for (int b = 0; b < 2 && e == cudaSuccess; b++) {
+            e = cudaMalloc((void **)&pg->stage_dev[b], (size_t)pg->stage_pages * pg->page_bytes);
+            if (e == cudaSuccess) e = cudaEventCreateWithFlags(&pg->st_copied[b], cudaEventDisableTiming);
+            if (e == cudaSuccess) e = cudaEventCreateWithFlags(&pg->st_free[b], cudaEventDisableTiming);
+        }
+        if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&pg->st_stream, cudaStreamNonBlocking);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            return cm_err_set(err, -ENOMEM,
+                              "cuda context: cannot allocate the prefill staging (2 × %lld pages "
+                              "of %zu B): %s",
+                              (long long)pg->stage_pages, pg->page_bytes, cudaGetErrorString(e));
+        }
+    }
     pg->st.gpu_kv_bytes = ring_bytes + (size_t)n_layer * ((size_t)pg->sa.slots * pg->sa.slot_bytes +
-                                                          (size_t)pg->mk.slots * pg->mk.slot_bytes);
+                                                          (size_t)pg->mk.slots * pg->mk.slot_bytes) +
+                          2 * (size_t)pg->stage_pages * pg->page_bytes;
     c->kv_bytes = pg->st.gpu_kv_bytes;
     for (int s = 0; s < c->n_seq; s++) paged_reset(c, s);
     e = cudaStreamSynchronize(c->stream);
@@ -410,6 +451,12 @@ void paged_free(cuda_ctx *c)
     cudaFreeHost(pg->fix_host);
     for (int i = 0; i < 4; i++)
         if (pg->ev[i]) cudaEventDestroy(pg->ev[i]);
+    for (int b = 0; b < 2; b++) {
+        cudaFree(pg->stage_dev[b]);
+        if (pg->st_copied[b]) cudaEventDestroy(pg->st_copied[b]);
+        if (pg->st_free[b]) cudaEventDestroy(pg->st_free[b]);
+    }
+    if (pg->st_stream) cudaStreamDestroy(pg->st_stream);
     free(pg->tail0);
     free(pg->ring_lo);
     free(pg);
@@ -641,6 +688,70 @@ int paged_after_chunk(cuda_ctx *c, int seq, bool all, cm_err *err)
     const int64_t p_end = all ? (n + pg->pt - 1) / pg->pt : n / pg->pt;
     if (p_end <= pg->tail0[seq]) return 0;
     return sink_pages(c, seq, p_end, err);
+}
+
+/* Copy layer il's staged pages into buffer il % 2 on the staging stream (after the buffer's
+ * previous user, layer il - 2, has finished). */
+static int stage_issue(cuda_ctx *c, int il)
+{
+    cuda_paged *pg = c->pg;
+    const int b = il % 2;
+    cudaError_t e = cudaStreamWaitEvent(pg->st_stream, pg->st_free[b], 0);
+    const int64_t n = pg->st_p1 - pg->st_p0;
+    if (e == cudaSuccess) {
+        stage_kernel<<<(unsigned)CM_MIN(n, (int64_t)4096), 256, 0, pg->st_stream>>>(
+            pg->tab + tab_index(c, pg->st_seq, il, 0), pg->max_pages, pg->st_p0, n,
+            pg->stage_dev[b], pg->half_bytes);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess) e = cudaEventRecord(pg->st_copied[b], pg->st_stream);
+    if (e == cudaSuccess) pg->st.bytes_h2d_stage += (uint64_t)n * pg->page_bytes;
+    return cuerr(e);
+}
+
+int paged_stage_begin(cuda_ctx *c, int seq)
+{
+    cuda_paged *pg = c->pg;
+    pg->st_on = false;
+    if (!pg->stage_pages) return 0;
+    /* pages below ring_lo are read from host memory: stage the most recent of them */
+    pg->st_p1 = pg->ring_lo[seq];
+    pg->st_p0 = CM_MAX((int64_t)0, pg->st_p1 - pg->stage_pages);
+    if (pg->st_p1 <= pg->st_p0) return 0;
+    pg->st_seq = seq;
+    pg->st_on = true;
+    /* both buffers are free once the compute stream is here */
+    cudaError_t e = cudaEventRecord(pg->st_free[0], c->stream);
+    if (e == cudaSuccess) e = cudaEventRecord(pg->st_free[1], c->stream);
+    int rc = cuerr(e);
+    const int n_layer = (int)c->m->hp.n_layer;
+    for (int il = 0; il < CM_MIN(2, n_layer) && rc == 0; il++) rc = stage_issue(c, il);
+    return rc;
+}
+
+int paged_stage_before(cuda_ctx *c, int il)
+{
+    cuda_paged *pg = c->pg;
+    if (!pg || !pg->st_on) return 0;
+    return cuerr(cudaStreamWaitEvent(c->stream, pg->st_copied[il % 2], 0));
+}
+
+int paged_stage_after(cuda_ctx *c, int il)
+{
+    cuda_paged *pg = c->pg;
+    if (!pg || !pg->st_on) return 0;
+    /* layer il reads host memory again for those pages; its buffer goes to layer il + 2 */
+    const int n_layer = (int)c->m->hp.n_layer;
+    const int64_t n = pg->st_p1 - pg->st_p0;
+    dim3 grid((unsigned)CM_MIN((n + 255) / 256, (int64_t)1024), 1);
+    repoint_kernel<<<grid, 256, 0, c->stream>>>(pg->tab + tab_index(c, pg->st_seq, il, 0),
+                                                pg->max_pages, pg->st_p0, pg->st_p1);
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) e = cudaEventRecord(pg->st_free[il % 2], c->stream);
+    int rc = cuerr(e);
+    if (rc == 0 && il + 2 < n_layer) rc = stage_issue(c, il + 2);
+    if (il == n_layer - 1) pg->st_on = false;
+    return rc;
 }
 
 int paged_prepare(cuda_ctx *c, int seq, int64_t pos0, int64_t n)
