@@ -70,7 +70,11 @@ typedef struct dseq {
     int64_t n_ctx;    /* context capacity in tokens */
     int64_t kv_bytes; /* reserved at admission */
     /* set by the prefill thread */
-    mdl_ctx *ctx;
+    mdl_ctx *ctx; /* --device cpu */
+    int gpu_slot; /* --device cuda: the context slot the blocks are bound to (with gpu_bound) */
+    bool gpu_bound;
+    int64_t gpu_n_past;      /* tokens in the slot */
+    const float *gpu_logits; /* this round's logits row (decode_gpu_logits) */
     kvstore_lease lease;
     bool leased;
     float *first_logits; /* [n_vocab] from the prefill result, or NULL */
@@ -117,6 +121,7 @@ static void seq_free(dseq *q)
     if (!q) return;
     if (q->retain && q->leased && q->ctx)
         decode_retain_add(&q->lease, q->ctx, q->ids, q->request_id);
+    if (q->gpu_bound) decode_gpu_release(q->gpu_slot); /* the GPU stops reading the blocks */
     if (q->leased) {
         cm_err e = {0};
         if (kvstore_lease_release(decode_g.kv, &q->lease, &e) < 0)
@@ -358,11 +363,22 @@ static void seq_decode_fail(dseq *q, const cm_err *e)
     pthread_mutex_unlock(&decode_g.mu);
 }
 
-/* Last part of q's step, once its previous token is in the context (q->ctx->logits): sample,
+/* Logits of q's last decode step and tokens in its context (CPU context or GPU slot). */
+static const float *seq_logits(const dseq *q)
+{
+    return q->ctx ? q->ctx->logits : q->gpu_logits;
+}
+
+static int64_t seq_n_past(const dseq *q)
+{
+    return q->ctx ? q->ctx->n_past : q->gpu_n_past;
+}
+
+/* Last part of q's step, once its previous token is in the context (seq_logits): sample,
  * stream the piece, decide whether it finished. */
 static int seq_sample(dseq *q)
 {
-    const float *logits = q->ctx->logits;
+    const float *logits = seq_logits(q);
     if (q->need_decode)
         q->need_decode = false;
     else if (q->n_gen == 0 && q->first_logits)
@@ -389,7 +405,7 @@ static int seq_sample(dseq *q)
         reason = INFINITEHIP__V1__FINISH_REASON__FINISH_REASON_EOS;
     else if (q->n_gen >= q->max_tokens)
         reason = INFINITEHIP__V1__FINISH_REASON__FINISH_REASON_LENGTH;
-    else if (q->ctx->n_past + 1 > q->n_ctx)
+    else if (seq_n_past(q) + 1 > q->n_ctx)
         reason = INFINITEHIP__V1__FINISH_REASON__FINISH_REASON_CONTEXT;
     size_t end = text_boundary(q, reason != 0);
     if (q->stop_hit) reason = INFINITEHIP__V1__FINISH_REASON__FINISH_REASON_STOP_STRING;
@@ -448,6 +464,38 @@ static void round_decode(mdl_batch *batch, dseq **ready, int n_ready, mdl_ctx **
             seq_decode_fail(ready[i], &e);
 }
 
+/* --device cuda: the decode steps of one round go through one cuda_decode_batch over the
+ * sequences' slots (any count, --decode-batch does not apply); each row's logits feed the same
+ * sampling. A failed batch fails every sequence in it. */
+static void round_decode_gpu(dseq **ready, int n_ready, int *slots, int32_t *toks)
+{
+    cm_err e = {0};
+    int n = 0;
+    for (int i = 0; i < n_ready; i++)
+        if (ready[i]->need_decode) {
+            slots[n] = ready[i]->gpu_slot;
+            toks[n++] = ready[i]->ids[ready[i]->n_ids - 1];
+        }
+    if (!n) return;
+    int rc = decode_gpu_decode(n, slots, toks, &e);
+    for (int i = 0, row = 0; i < n_ready; i++) {
+        dseq *q = ready[i];
+        if (!q->need_decode) continue;
+        if (rc < 0) {
+            seq_decode_fail(q, &e);
+        } else {
+            q->gpu_logits = decode_gpu_logits(row);
+            q->gpu_n_past++;
+        }
+        row++;
+    }
+    if (rc == 0 && n >= 2) {
+        pthread_mutex_lock(&decode_g.mu);
+        decode_g.n_batched_steps += (uint64_t)n;
+        pthread_mutex_unlock(&decode_g.mu);
+    }
+}
+
 /* Unlink and free the sequences of the active list whose step ended them. */
 static void round_reap(dseq **active)
 {
@@ -474,7 +522,8 @@ static void *sched_main(void *arg)
     dseq **ready = calloc((size_t)cap, sizeof(*ready));
     mdl_ctx **ctxs = calloc((size_t)cap, sizeof(*ctxs));
     int32_t *toks = calloc((size_t)cap, sizeof(*toks));
-    if (!ready || !ctxs || !toks) CM_ABORT("decode: out of memory for the scheduler");
+    int *slots = calloc((size_t)cap, sizeof(*slots)); /* --device cuda */
+    if (!ready || !ctxs || !toks || !slots) CM_ABORT("decode: out of memory for the scheduler");
     uint64_t t_expire = 0;
     pthread_mutex_lock(&decode_g.mu);
     for (;;) {
@@ -514,7 +563,10 @@ static void *sched_main(void *arg)
             }
             if (q->step_result != STEP_STALLED) progress = true;
         }
-        round_decode(sched.batch, ready, n_ready, ctxs, toks);
+        if (decode_g.gpu_on)
+            round_decode_gpu(ready, n_ready, slots, toks);
+        else
+            round_decode(sched.batch, ready, n_ready, ctxs, toks);
         for (int i = 0; i < n_ready; i++)
             if (!ready[i]->decode_failed) ready[i]->step_result = seq_sample(ready[i]);
         round_reap(&active);
@@ -528,12 +580,13 @@ static void *sched_main(void *arg)
     free(ready);
     free(ctxs);
     free(toks);
+    free(slots);
     return NULL;
 }
 
 int decode_sched_start(cm_err *err)
 {
-    if (decode_g.batch_mode != DECODE_BATCH_OFF) {
+    if (decode_g.batch_mode != DECODE_BATCH_OFF && !decode_g.gpu_on) {
         sched.batch = mdl_batch_init(decode_g.model, (int)decode_g.cfg.max_seqs,
                                      (int)decode_g.cfg.threads, err);
         if (!sched.batch) return err->code;
@@ -777,6 +830,69 @@ static int run_prefill(dseq *q, uint64_t *seq_id, uint64_t *seq_gen, uint64_t *n
     return rc;
 }
 
+/* --device cpu: a fresh context of q's size (with its own attention provider) holding the
+ * prompt's K/V paged from the store. Without the prefill's last logits, the last prompt token
+ * is decoded here on top of the first n-1 tokens. 0, or a negative code with msg filled. */
+static int seq_load_cpu(dseq *q, char *msg, size_t n_msg)
+{
+    cm_err e = {0};
+    int rc;
+    mdl_ctx_params cp = mdl_ctx_default_params();
+    cp.n_ctx = q->n_ctx;
+    cp.n_threads = (int)decode_g.cfg.threads;
+    cp.kv_type = CPU_KV_F16;
+    cp.n_chunk = 64;
+    if (!(q->ctx = mdl_ctx_init(decode_g.model, &cp, &e))) {
+        rc = e.code < 0 ? e.code : -ENOMEM;
+        snprintf(msg, n_msg, "context: %s", e.msg);
+        return rc;
+    }
+    if (q->hip) {
+        mdl_attn attn;
+        if ((rc = hip_attn_provider_init(&attn, decode_g.model, q->hc, &e)) < 0) {
+            snprintf(msg, n_msg, "HiP attention: %s", e.msg);
+            return rc;
+        }
+        mdl_ctx_set_attn(q->ctx, &attn);
+    }
+    /* Page the K/V rows of every layer. */
+    int64_t n_load = q->first_logits ? q->n_prompt : q->n_prompt - 1;
+    for (int il = 0; il < decode_g.model->hp.n_layer && n_load > 0; il++) {
+        rc = kvstore_kvcache_load(decode_g.kv, &q->lease, (uint32_t)il, 0, (uint32_t)n_load,
+                                  q->ctx->k_cache[il], q->ctx->v_cache[il], q->ctx->kv_row_bytes,
+                                  decode_g.kv_elem_type, &e);
+        if (rc < 0) {
+            snprintf(msg, n_msg, "paging layer %d: %s", il, e.msg);
+            return rc;
+        }
+    }
+    q->ctx->n_past = n_load;
+    if (!q->first_logits && (rc = mdl_decode(q->ctx, q->ids[q->n_prompt - 1], NULL, &e)) < 0) {
+        snprintf(msg, n_msg, "decoding the last prompt token: %s", e.msg);
+        return rc;
+    }
+    return 0;
+}
+
+/* --device cuda: bind the prompt's blocks to a GPU slot, read in place (the lease is kept
+ * until the sequence ends). Without the prefill's last logits, the first n-1 tokens are bound
+ * and the scheduler's first round decodes the last prompt token on the GPU (exact: the same
+ * step as any other). 0, or a negative code with msg filled. */
+static int seq_load_gpu(dseq *q, char *msg, size_t n_msg)
+{
+    cm_err e = {0};
+    const int64_t n_bind = q->first_logits ? q->n_prompt : q->n_prompt - 1;
+    int rc = decode_gpu_bind(&q->lease, n_bind, &q->gpu_slot, &e);
+    if (rc < 0) {
+        snprintf(msg, n_msg, "GPU: %s", e.msg);
+        return rc;
+    }
+    q->gpu_bound = true;
+    q->gpu_n_past = n_bind;
+    q->need_decode = !q->first_logits;
+    return 0;
+}
+
 static void *seq_prefill_main(void *arg)
 {
     dseq *q = arg;
@@ -848,42 +964,8 @@ static void *seq_prefill_main(void *arg)
     send_progress(q, INFINITEHIP__V1__PROGRESS__PHASE__PHASE_LOADING, (uint64_t)q->n_prompt,
                   (uint64_t)q->n_prompt, q->cached_tokens);
 
-    /* A fresh context of this sequence's size, with its own attention provider. */
-    mdl_ctx_params cp = mdl_ctx_default_params();
-    cp.n_ctx = q->n_ctx;
-    cp.n_threads = (int)decode_g.cfg.threads;
-    cp.kv_type = CPU_KV_F16;
-    cp.n_chunk = 64;
-    if (!(q->ctx = mdl_ctx_init(decode_g.model, &cp, &e))) {
-        rc = e.code < 0 ? e.code : -ENOMEM;
-        snprintf(msg, sizeof(msg), "context: %s", e.msg);
-        goto fail;
-    }
-    if (q->hip) {
-        mdl_attn attn;
-        if ((rc = hip_attn_provider_init(&attn, decode_g.model, q->hc, &e)) < 0) {
-            snprintf(msg, sizeof(msg), "HiP attention: %s", e.msg);
-            goto fail;
-        }
-        mdl_ctx_set_attn(q->ctx, &attn);
-    }
-    /* Page the K/V rows of every layer. Without the prefill's last logits, the last prompt
-     * token is decoded here on top of the first n-1 tokens. */
-    int64_t n_load = q->first_logits ? q->n_prompt : q->n_prompt - 1;
-    for (int il = 0; il < decode_g.model->hp.n_layer && n_load > 0; il++) {
-        rc = kvstore_kvcache_load(decode_g.kv, &q->lease, (uint32_t)il, 0, (uint32_t)n_load,
-                                  q->ctx->k_cache[il], q->ctx->v_cache[il], q->ctx->kv_row_bytes,
-                                  decode_g.kv_elem_type, &e);
-        if (rc < 0) {
-            snprintf(msg, sizeof(msg), "paging layer %d: %s", il, e.msg);
-            goto fail;
-        }
-    }
-    q->ctx->n_past = n_load;
-    if (!q->first_logits && (rc = mdl_decode(q->ctx, q->ids[q->n_prompt - 1], NULL, &e)) < 0) {
-        snprintf(msg, sizeof(msg), "decoding the last prompt token: %s", e.msg);
-        goto fail;
-    }
+    rc = decode_g.gpu_on ? seq_load_gpu(q, msg, sizeof(msg)) : seq_load_cpu(q, msg, sizeof(msg));
+    if (rc < 0) goto fail;
     q->t_prefill1 = cm_time_ns();
 
     pthread_mutex_lock(&decode_g.mu);
@@ -991,6 +1073,27 @@ static int fill_attention(dseq *q, const Infinitehip__V1__AttentionOverrides *ao
         return -EINVAL;
     }
     return 0;
+}
+
+/* --device cuda: the GPU context runs the worker's attention (--attention, --hip-preset,
+ * --hip-config) for every slot, so a request may not change it. */
+static int check_gpu_attention(const dseq *q, cm_err *e)
+{
+    const char *wp = !decode_g.hip_on             ? "dense"
+                     : decode_g.cfg.hip_preset[0] ? decode_g.cfg.hip_preset
+                                                  : "fast";
+    const char *wj = decode_g.hip_config_text;
+    bool same = q->hip == decode_g.hip_on;
+    if (same && q->hip)
+        same = !strcmp(q->preset, wp) &&
+               (q->config_json && wj ? !strcmp(q->config_json, wj) : !q->config_json && !wj) &&
+               (q->using_extend < 0 || q->using_extend == decode_g.hip_default.using_extend);
+    if (same) return 0;
+    return cm_err_set(e, -EOPNOTSUPP,
+                      "attention: with --device cuda every request uses the worker's attention "
+                      "(%s%s); per-request presets, config_json and using_extend that change it "
+                      "are not supported yet",
+                      wp, wj ? " + --hip-config" : "");
 }
 
 /* Tokenize the request's prompt into q->ids (room for max_tokens more). */
@@ -1105,12 +1208,15 @@ static int fill_request(dseq *q, const GenReq *r, cm_err *e)
     q->progress_ms = r->progress_interval_ms ? r->progress_interval_ms : 1000;
     if (q->progress_ms < 50) q->progress_ms = 50;
     if ((rc = fill_attention(q, r->attention, e)) < 0) return rc;
+    if (decode_g.gpu_on && (rc = check_gpu_attention(q, e)) < 0) return rc;
     if ((rc = fill_prompt(q, r, e)) < 0) return rc;
     if (!(q->smp = smp_init(&q->sp, decode_g.model->hp.n_vocab)))
         return cm_err_set(e, -ENOMEM, "out of memory");
     q->n_ctx = q->n_prompt + (int64_t)q->max_tokens;
     if (q->n_ctx > decode_g.cfg.ctx) q->n_ctx = decode_g.cfg.ctx;
-    q->kv_bytes = decode_ctx_bytes(q->n_ctx);
+    /* --device cuda: the prompt's K/V stays in the store and the GPU's KV memory is allocated
+     * at start, so no per-sequence context bytes are reserved (--max-kv-bytes is for cpu). */
+    q->kv_bytes = decode_g.gpu_on ? 0 : decode_ctx_bytes(q->n_ctx);
     return 0;
 }
 

@@ -13,7 +13,10 @@
  *                      each by one decode step per round (continuous batching; the steps
  *                      of a round go through one batched forward);
  *   decode-retain.c    finished sequences' K/V written back to the store and kept (leased)
- *                      as prefixes for follow-up prompts, released under pressure / by age.
+ *                      as prefixes for follow-up prompts, released under pressure / by age;
+ *   decode-gpu.c       --device cuda: one paged GPU context whose slots read the prompt's
+ *                      K/V in place from the segment (bind instead of paging), batched GPU
+ *                      decode, offload counters.
  *
  * Threads: RPC threads run handlers (never block); one short-lived "prefill" thread per
  * admitted request (blocking client call to a prefill worker, then loading the blocks); one
@@ -70,6 +73,11 @@ typedef struct decode_config {
     const char *kv_retain;      /* "finished" or "none": keep finished sequences' K/V */
     int64_t kv_retain_max_seqs; /* retained sequences at most (oldest released first) */
     int64_t kv_retain_ms;       /* a retained sequence is released after this long unused */
+    const char *device;         /* "cpu" or "cuda" (decode-gpu.c) */
+    int64_t gpu;                /* CUDA device index */
+    int64_t gpu_sa_cache_tokens;   /* K‖V page cache per layer in tokens (< 0: none) */
+    int64_t gpu_mask_cache_tokens; /* keys-only page cache per layer in tokens (< 0: none) */
+    int64_t gpu_tail_tokens; /* GPU ring per slot and layer (0 = max-tokens-limit + 2 blocks) */
     bool verbose;
 } decode_config;
 
@@ -87,6 +95,7 @@ typedef struct decode_global {
     bool hip_on;            /* --attention hip */
     int batch_mode;         /* enum decode_batch_mode (--decode-batch) */
     bool retain_on;         /* --kv-retain finished */
+    bool gpu_on;            /* --device cuda */
     int n_prefill;
     char *prefill_addr[DECODE_MAX_PREFILL];
     uint64_t t_start;
@@ -149,6 +158,35 @@ void decode_retain_expire(void);
 /* Release every retained sequence (shutdown). */
 void decode_retain_clear(void);
 void decode_retain_get_stats(decode_retain_stats *out);
+
+/* decode-gpu.c: --device cuda. One paged cuda_ctx with --max-seqs slots; every call but
+ * decode_gpu_get_stats is made only when decode_g.gpu_on. In a build without CUDA they fail
+ * with a message saying so. Errors: 0 or a negative code with err filled (CUDA errors are
+ * CUDA_ERR codes, INTERNAL for the client). */
+typedef struct decode_gpu_stats {
+    uint64_t sa_needed, sa_hits, sa_installs, sa_overflow; /* K‖V cache (block-sparse attention) */
+    uint64_t mk_needed, mk_hits, mk_installs, mk_overflow; /* keys cache (mask estimation) */
+    uint64_t bytes_h2d;      /* cache installs, host → GPU */
+    uint64_t decode_steps;   /* batched decode calls */
+    uint64_t tokens_decoded; /* rows of those calls */
+    uint64_t binds, tokens_bound; /* sequences bound from the store, their tokens */
+    uint64_t failures;       /* decode calls that failed */
+    uint64_t kv_bytes;       /* GPU memory of the KV: ring + caches */
+    uint64_t model_bytes;    /* GPU memory of the weights */
+} decode_gpu_stats;
+/* Upload the model, register the segment, make the context (needs model, store, attention). */
+int decode_gpu_init(cm_err *err);
+void decode_gpu_free(void);
+/* Bind tokens [0, n_tokens) of the leased sequence to a free slot (*slot); the lease must be
+ * held until decode_gpu_release. -ENOSPC when a block is in the spill tier. */
+int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_err *err);
+/* Forget the slot's pages (the lease may be released afterwards) and free the slot. */
+void decode_gpu_release(int slot);
+/* One decode step of n distinct slots with toks; logits of row i: decode_gpu_logits(i), valid
+ * until the next call (scheduler thread only). */
+int decode_gpu_decode(int n, const int *slots, const int32_t *toks, cm_err *err);
+const float *decode_gpu_logits(int row);
+void decode_gpu_get_stats(decode_gpu_stats *out);
 
 /* decode-main.c */
 /* KV bytes of a context of n_ctx tokens (K and V of every layer). */

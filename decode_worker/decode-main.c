@@ -90,6 +90,17 @@ static cfg_entry cfg_table[] = {
      "retained sequences at most"},
     {"--kv-retain-ms", CFG_INT, &C.kv_retain_ms, "600000", 0, INT64_MAX,
      "release a retained sequence after this long unused"},
+    {"--device", CFG_STR, &C.device, "cpu", 0, 0,
+     "cpu or cuda: decode on the GPU with the prompt's K/V left in the segment (bf16 / fp8 "
+     "segment; needs a CUDA build)"},
+    {"--gpu", CFG_INT, &C.gpu, "0", 0, 1024, "--device cuda: CUDA device index"},
+    {"--gpu-sa-cache-tokens", CFG_INT, &C.gpu_sa_cache_tokens, "32768", -1, INT64_C(1) << 32,
+     "--device cuda: GPU K+V page cache per layer in tokens (-1 = none)"},
+    {"--gpu-mask-cache-tokens", CFG_INT, &C.gpu_mask_cache_tokens, "65536", -1, INT64_C(1) << 32,
+     "--device cuda: GPU keys page cache per layer in tokens (-1 = none)"},
+    {"--gpu-tail-tokens", CFG_INT, &C.gpu_tail_tokens, "0", 0, INT64_C(1) << 32,
+     "--device cuda: GPU ring per sequence and layer for decoded tokens (0 = max-tokens-limit + "
+     "2 blocks)"},
     {"--verbose", CFG_BOOL, &C.verbose, "0", 0, 1, "debug logging"},
 };
 #undef C
@@ -239,7 +250,8 @@ static int setup_model_and_store(cm_err *err)
     g.n_kv_heads = (uint32_t)hp->n_head_kv;
     g.head_dim = (uint32_t)hp->head_dim;
     g.tokens_per_block = (uint32_t)c->kv_tpb;
-    g.dtype = KVSTORE_DTYPE_F16;
+    /* --device cuda reads blocks in place: it needs bf16 (the CPU path converts on load). */
+    g.dtype = decode_g.gpu_on ? KVSTORE_DTYPE_BF16 : KVSTORE_DTYPE_F16;
     if ((rc = kvstore_geometry_finish(&g, err)) < 0) return rc;
     kvstore_params kp = kvstore_default_params();
     kp.dir = c->kv_dir;
@@ -320,6 +332,20 @@ static int setup_engine_options(cm_err *err)
     else
         return cm_err_set(err, -EINVAL, "--kv-retain must be finished or none, got '%s'",
                           c->kv_retain);
+    if (!strcmp(c->device, "cuda")) {
+#ifndef IHIP_HAVE_CUDA
+        return cm_err_set(err, -EOPNOTSUPP,
+                          "--device cuda: this ihip-decode-worker was built without CUDA "
+                          "(configure with -DIHIP_CUDA=ON on a machine with nvcc)");
+#endif
+        decode_g.gpu_on = true;
+        if (decode_g.retain_on)
+            CM_LOG_INFO("decode: --kv-retain finished is not supported with --device cuda yet "
+                        "(the decoded K/V lives on the GPU); finished sequences are released");
+        decode_g.retain_on = false;
+    } else if (strcmp(c->device, "cpu")) {
+        return cm_err_set(err, -EINVAL, "--device must be cpu or cuda, got '%s'", c->device);
+    }
     return 0;
 }
 
@@ -492,7 +518,7 @@ static void on_model_info(rpc_call *c, const ProtobufCMessage *msg, void *user)
         (char *)(uintptr_t)(!decode_g.hip_on             ? "dense"
                             : decode_g.cfg.hip_preset[0] ? decode_g.cfg.hip_preset
                                                          : "fast");
-    r.backend = (char *)(uintptr_t) "cpu";
+    r.backend = (char *)(uintptr_t)(decode_g.gpu_on ? "cuda" : "cpu");
     r.version = (char *)(uintptr_t)DECODE_VERSION;
     r.max_message_bytes = 4 << 20;
     rpc_call_reply(c, &r.base);
@@ -510,6 +536,8 @@ static void on_get_stats(rpc_call *c, const ProtobufCMessage *msg, void *user)
     int active = decode_sched_active();
     decode_retain_stats rs;
     decode_retain_get_stats(&rs);
+    decode_gpu_stats gs;
+    decode_gpu_get_stats(&gs);
     pthread_mutex_lock(&decode_g.mu);
     struct {
         const char *name;
@@ -559,6 +587,32 @@ static void on_get_stats(rpc_call *c, const ProtobufCMessage *msg, void *user)
         {"rpc.calls_active", (double)st.calls_active, false, "calls not yet freed"},
         {"rpc.calls_cancelled", (double)st.calls_cancelled, true, "calls cancelled"},
         {"rpc.calls_started", (double)st.calls_started, true, "calls delivered to handlers"},
+        {"gpu.kv_bytes", (double)gs.kv_bytes, false, "GPU memory of the KV (ring + caches)"},
+        {"gpu.model_bytes", (double)gs.model_bytes, false, "GPU memory of the weights"},
+        {"gpu.sequences_bound", (double)gs.binds, true,
+         "prefilled sequences bound to a GPU slot (blocks read in place)"},
+        {"gpu.tokens_bound", (double)gs.tokens_bound, true, "prompt tokens of those"},
+        {"gpu.decode_steps", (double)gs.decode_steps, true, "batched GPU decode calls"},
+        {"gpu.tokens_decoded", (double)gs.tokens_decoded, true, "sequence steps of those"},
+        {"gpu.decode_failures", (double)gs.failures, true, "GPU decode calls that failed"},
+        {"gpu.sa_cache_hit_rate", gs.sa_needed ? (double)gs.sa_hits / (double)gs.sa_needed : 0,
+         false, "K+V page cache: pages found on the GPU / pages a refresh needed"},
+        {"gpu.sa_cache_needed", (double)gs.sa_needed, true, "K+V page cache: pages needed"},
+        {"gpu.sa_cache_installs", (double)gs.sa_installs, true, "K+V page cache: pages copied in"},
+        {"gpu.sa_cache_overflow", (double)gs.sa_overflow, true,
+         "K+V page cache: needed pages that did not fit (read over the bus)"},
+        {"gpu.mask_cache_hit_rate", gs.mk_needed ? (double)gs.mk_hits / (double)gs.mk_needed : 0,
+         false, "keys page cache: pages found on the GPU / pages a refresh needed"},
+        {"gpu.mask_cache_needed", (double)gs.mk_needed, true, "keys page cache: pages needed"},
+        {"gpu.mask_cache_installs", (double)gs.mk_installs, true,
+         "keys page cache: pages copied in"},
+        {"gpu.mask_cache_overflow", (double)gs.mk_overflow, true,
+         "keys page cache: needed pages that did not fit (read over the bus)"},
+        {"gpu.bytes_h2d", (double)gs.bytes_h2d, true,
+         "bytes copied host to GPU into the page caches"},
+        {"gpu.bytes_h2d_per_token",
+         gs.tokens_decoded ? (double)gs.bytes_h2d / (double)gs.tokens_decoded : 0, false,
+         "cache bytes copied host to GPU per decoded token"},
     };
     pthread_mutex_unlock(&decode_g.mu);
     Infinitehip__V1__Metric met[CM_ARRAY_LEN(m)], *metp[CM_ARRAY_LEN(m)];
@@ -566,6 +620,7 @@ static void on_get_stats(rpc_call *c, const ProtobufCMessage *msg, void *user)
     r.metrics = metp;
     for (size_t i = 0; i < CM_ARRAY_LEN(m); i++) {
         if (strncmp(m[i].name, req->prefix, strlen(req->prefix))) continue;
+        if (!decode_g.gpu_on && !strncmp(m[i].name, "gpu.", 4)) continue; /* --device cuda */
         infinitehip__v1__metric__init(&met[r.n_metrics]);
         met[r.n_metrics].name = (char *)(uintptr_t)m[i].name;
         met[r.n_metrics].value = m[i].v;
@@ -647,7 +702,8 @@ int main(int argc, char **argv)
     int ret = 0;
     uint64_t t0 = cm_time_ns();
     if ((rc = setup_engine_options(&err)) < 0 || (rc = setup_model_and_store(&err)) < 0 ||
-        (rc = setup_attention(&err)) < 0 || (rc = decode_sched_start(&err)) < 0) {
+        (rc = setup_attention(&err)) < 0 || (decode_g.gpu_on && (rc = decode_gpu_init(&err)) < 0) ||
+        (rc = decode_sched_start(&err)) < 0) {
         fprintf(stderr, "ihip-decode-worker: %s\n", err.msg);
         ret = 1;
         goto out;
@@ -700,6 +756,7 @@ out:
     if (decode_g.kv) decode_retain_clear();
     rpc_server_shutdown(decode_g.server, decode_g.cfg.grace_ms);
     rpc_server_free(decode_g.server);
+    if (decode_g.gpu_on) decode_gpu_free(); /* every slot released; unregisters the segment */
     kvstore_close(decode_g.kv);
     tok_vocab_free(decode_g.vocab);
     mdl_model_free(decode_g.model);

@@ -2,7 +2,8 @@
  * prefill-impl.h — internals of the prefill worker (ihip-prefill-worker), shared by
  * prefill-main.c (configuration, start-up, signals, shutdown) and prefill-service.c (the
  * Prefiller.Prefill service: admission, the per-context worker threads, the kvstore writes and
- * the hand-over of published sequences).
+ * the hand-over of published sequences, and the CPU compute backend) and prefill-cuda.c (the GPU
+ * compute backend of --device cuda).
  */
 #ifndef PREFILL_IMPL_H
 #define PREFILL_IMPL_H
@@ -41,7 +42,10 @@ typedef struct prefill_config {
     long retry_delay_ms;      /* retry-delay-ms sent with RESOURCE_EXHAUSTED */
     long grace_ms;            /* shutdown grace for calls in flight */
     long handoff_ms;          /* how long the publish lease is kept for the decode worker */
-    long kv_type;             /* 1 = f16 cache (default), 0 = f32 */
+    long kv_type;             /* 1 = f16 cache (default), 0 = f32 (cpu) */
+    uint32_t kv_create_dtype; /* enum kvstore_dtype of a segment made by --kv-create */
+    const char *device;       /* "cpu" or "cuda" */
+    long gpu;                 /* CUDA device index (--device cuda) */
     bool verbose;
 } prefill_config;
 
@@ -69,12 +73,14 @@ typedef struct prefill_handoff {
     uint64_t expires_ns;
 } prefill_handoff;
 
-/* A context slot: one mdl_ctx and the thread that runs its jobs. */
+/* A context slot: one context (an mdl_ctx, or a cuda_ctx with --device cuda) and the thread
+ * that runs its jobs. */
 typedef struct prefill_slot {
     struct prefill_worker *w;
     int index;
-    mdl_ctx *ctx;
-    char digest[64];          /* attention configuration currently set on ctx */
+    mdl_ctx *ctx;             /* (cpu) */
+    char digest[64];          /* (cpu) attention configuration currently set on ctx */
+    struct prefill_cuda_slot *gpu; /* (cuda) prefill-cuda.c */
     pthread_t thread;
     bool started;
 } prefill_slot;
@@ -93,6 +99,8 @@ typedef struct prefill_worker {
     char default_digest[64];
     int64_t n_ctx;            /* tokens per context */
     prefill_slot *slots;      /* [max_concurrent] */
+    const struct prefill_backend *be; /* the compute device of every slot */
+    struct prefill_cuda *gpu; /* (cuda) the GPU model and the registered segment pool */
 
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -106,6 +114,61 @@ typedef struct prefill_worker {
     /* counters (under mu) */
     uint64_t n_ok, n_failed, n_cancelled, n_rejected, tokens_computed, tokens_cached;
 } prefill_worker;
+
+/* One job on one slot, on the slot's thread: the state both compute backends share. */
+typedef struct prefill_run {
+    prefill_worker *w;
+    prefill_slot *s;
+    prefill_job *j;
+    kvstore_seq_ref seq;      /* the WRITING sequence */
+    uint32_t start;           /* tokens in the context when the compute began (= cached) */
+    uint32_t stored;          /* tokens whose K/V are in the store */
+    uint32_t cached;          /* tokens adopted from a READY prefix */
+    uint32_t elem_type;       /* (cpu) the context's rows as a kvstore dtype */
+    uint64_t last_progress_ns;
+    int store_rc;             /* first kvstore error of a chunk callback or page sink */
+    cm_err store_err;
+    kvstore_lease prefix;     /* the prefix lease, when the backend reads the prefix blocks in
+                               * place during the compute (released after the job) */
+    bool have_prefix;
+    bool retry;               /* the job must run again without prefix reuse (set by compute) */
+} prefill_run;
+
+/* A compute device for the slots. Every member is required. The shared job flow
+ * (prefill-service.c: job_run) calls begin, then load_prefix when a prefix was adopted, then
+ * compute, then reads logits. */
+typedef struct prefill_backend {
+    const char *name;         /* "cpu" or "cuda" (logs) */
+    const char *what;         /* status message prefix of compute errors ("prefill") */
+    /* Put the job's attention on the slot's context and empty it. */
+    int (*begin)(prefill_run *r, cm_err *err);
+    /* Make tokens [0, n) (whole blocks) of the leased READY sequence pl the context's first n
+     * tokens. *keep: the context reads the blocks in place during compute, so the lease must be
+     * kept until the job ends. On error the job recomputes everything in a fresh sequence (the
+     * backend leaves its context empty). */
+    int (*load_prefix)(prefill_run *r, const kvstore_lease *pl, uint32_t n, bool *keep,
+                       cm_err *err);
+    /* Compute tokens [r->start, n_tokens) and put all their K/V into r->seq; calls
+     * prefill_run_chunk_done after each chunk (nonzero: stop with -ECANCELED); kvstore errors go
+     * to r->store_rc / r->store_err. */
+    int (*compute)(prefill_run *r, cm_err *err);
+    /* The last token's logits [n_vocab] after a successful compute. */
+    float *(*logits)(const prefill_run *r);
+} prefill_backend;
+
+extern const prefill_backend prefill_backend_cpu;
+
+/* After a chunk: `stored` tokens are in the store now; checks cancellation / deadline /
+ * shutdown (returns 1: stop) and sends a progress event when one is due (returns 0). */
+int prefill_run_chunk_done(prefill_run *r, uint32_t stored);
+
+/* --device cuda (prefill-cuda.c). Init: the GPU model, the segment pool registered, one paged
+ * cuda_ctx per slot; sets w->be. Builds without CUDA return -CM_EUNSUPPORTED with the reason.
+ * Free: everything init made (safe after a failed or no init). */
+int prefill_cuda_init(prefill_worker *w, cm_err *err);
+void prefill_cuda_free(prefill_worker *w);
+/* Whether this build has the CUDA backend. */
+bool prefill_cuda_built(void);
 
 /* The Prefill method table entry (handler + cancel hook), user = the worker. */
 void prefill_service_method(prefill_worker *w, rpc_method *out);

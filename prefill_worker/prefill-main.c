@@ -5,7 +5,8 @@
  * UNAVAILABLE) and prints "listening on PORT" on stdout, so callers can connect and watch
  * health while the model loads; then the model is loaded and fingerprinted, the kvstore segment
  * opened (or created with --kv-create, geometry from the model), one context per concurrent
- * prefill made, and only then health turns SERVING.
+ * prefill made (an mdl_ctx, or with --device cuda the model uploaded to the GPU once and a paged
+ * cuda_ctx per slot: prefill-cuda.c), and only then health turns SERVING.
  *
  * Configuration: one declarative table drives the flags, the IHIP_* environment variables
  * (flag name upper-cased, '-' → '_', e.g. --max-prompt-tokens = IHIP_MAX_PROMPT_TOKENS;
@@ -72,7 +73,12 @@ static const cfg_entry k_cfg[] = {
      "shutdown grace for calls in flight to flush their status"},
     {"handoff-ms", CFG_LONG, &W->handoff_ms, "30000", 0, 86400000,
      "keep a published sequence's lease this long for the decode worker"},
-    {"kv-type", CFG_STR, NULL, "f16", 0, 0, "context KV cache type: f16 or f32"},
+    {"kv-type", CFG_STR, NULL, "f16", 0, 0,
+     "cpu: context KV cache type f16 or f32; cuda: dtype of a --kv-create segment, bf16 (f16 "
+     "means bf16) or fp8"},
+    {"device", CFG_STR, &W->device, "cpu", 0, 0,
+     "where prefill runs: cpu, or cuda (GPU --gpu; needs a CUDA build and a bf16/fp8 segment)"},
+    {"gpu", CFG_LONG, &W->gpu, "0", 0, 1023, "CUDA device index for --device cuda"},
     {"verbose", CFG_BOOL, &W->verbose, "0", 0, 1, "debug logging"},
 };
 #undef W
@@ -100,12 +106,19 @@ static void usage(FILE *f)
 static int cfg_set(const cfg_entry *e, const char *v, const char *from)
 {
     if (!strcmp(e->name, "kv-type")) {
-        if (strcmp(v, "f16") && strcmp(v, "f32")) {
-            fprintf(stderr, "ihip-prefill-worker: %s kv-type: f16 or f32, not '%s'\n", from, v);
+        if (strcmp(v, "f16") && strcmp(v, "f32") && strcmp(v, "bf16") && strcmp(v, "fp8")) {
+            fprintf(stderr,
+                    "ihip-prefill-worker: %s kv-type: f16 or f32 (--device cpu), bf16 or fp8 "
+                    "(--device cuda), not '%s'\n",
+                    from, v);
             return -1;
         }
         g_kv_type = v;
         return 0;
+    }
+    if (!strcmp(e->name, "device") && strcmp(v, "cpu") && strcmp(v, "cuda")) {
+        fprintf(stderr, "ihip-prefill-worker: %s device: cpu or cuda, not '%s'\n", from, v);
+        return -1;
     }
     if (e->type == CFG_STR) {
         *(const char **)e->ptr = v;
@@ -201,6 +214,22 @@ static void cfg_print(void)
 
 /* ---- start-up ---------------------------------------------------------------------------------- */
 
+static bool on_gpu(const prefill_worker *w)
+{
+    return !strcmp(w->cfg.device, "cuda");
+}
+
+static const char *dtype_name(uint32_t dt)
+{
+    switch (dt) {
+    case KVSTORE_DTYPE_F32: return "f32";
+    case KVSTORE_DTYPE_F16: return "f16";
+    case KVSTORE_DTYPE_BF16: return "bf16";
+    case KVSTORE_DTYPE_F8_E4M3: return "fp8 (e4m3)";
+    default: return "an unknown dtype";
+    }
+}
+
 /* Open the segment (creating it with --kv-create) and check it fits the model. */
 static int open_store(prefill_worker *w, cm_err *err)
 {
@@ -214,7 +243,9 @@ static int open_store(prefill_worker *w, cm_err *err)
         g.n_kv_heads = (uint32_t)hp->n_head_kv;
         g.head_dim = (uint32_t)hp->head_dim;
         g.tokens_per_block = (uint32_t)w->cfg.kv_block_tokens;
-        g.dtype = w->cfg.kv_type == CPU_KV_F32 ? KVSTORE_DTYPE_F32 : KVSTORE_DTYPE_F16;
+        g.dtype = w->cfg.kv_create_dtype;
+        if (g.dtype == KVSTORE_DTYPE_F8_E4M3) /* kvstore_geometry_finish knows 2-4 byte types */
+            g.bytes_per_block = 2ull * g.n_kv_heads * g.tokens_per_block * g.head_dim;
         kvstore_params cp = p;
         cp.n_ram_blocks = (uint32_t)w->cfg.kv_blocks;
         cp.max_seqs = (uint32_t)w->cfg.kv_max_seqs;
@@ -239,7 +270,19 @@ static int open_store(prefill_worker *w, cm_err *err)
                           (unsigned)g->n_kv_heads, (unsigned)g->head_dim, w->fingerprint_hex,
                           (long long)hp->n_layer, (long long)hp->n_head_kv,
                           (long long)hp->head_dim);
-    if (kvstore_kvcache_row_bytes(g, g->dtype) == 0)
+    if (on_gpu(w) && g->dtype != KVSTORE_DTYPE_BF16 && g->dtype != KVSTORE_DTYPE_F8_E4M3)
+        return cm_err_set(err, -KVSTORE_EGEOMETRY,
+                          "--device cuda needs a bf16 or fp8 KV segment (the GPU writes its "
+                          "pages into the blocks as they are); segment %s in %s is %s. Remove it "
+                          "(ihip-kv destroy %s --dir %s) and restart with --device cuda "
+                          "--kv-create (makes bf16), or make one: ihip-kv create %s --dir %s "
+                          "--dtype bf16 --layers %u --kv-heads %u --head-dim %u "
+                          "--tokens-per-block %u --fingerprint %s",
+                          w->cfg.kv_name, w->cfg.kv_dir, dtype_name(g->dtype), w->cfg.kv_name,
+                          w->cfg.kv_dir, w->cfg.kv_name, w->cfg.kv_dir, (unsigned)g->n_layers,
+                          (unsigned)g->n_kv_heads, (unsigned)g->head_dim,
+                          (unsigned)g->tokens_per_block, w->fingerprint_hex);
+    if (!on_gpu(w) && kvstore_kvcache_row_bytes(g, g->dtype) == 0)
         return cm_err_set(err, -KVSTORE_EGEOMETRY, "KV segment dtype %u is not f32/f16/bf16",
                           (unsigned)g->dtype);
     size_t dl = strlen(w->cfg.kv_dir);
@@ -298,31 +341,43 @@ static int load_everything(prefill_worker *w, cm_err *err)
     w->slots = calloc((size_t)w->cfg.max_concurrent, sizeof(*w->slots));
     if (!w->slots)
         return cm_err_set(err, -ENOMEM, "out of memory");
-    mdl_ctx_params cp = mdl_ctx_default_params();
-    cp.n_ctx = w->n_ctx;
-    cp.n_threads = (int)w->cfg.threads;
-    cp.kv_type = (int)w->cfg.kv_type;
-    cp.n_chunk = w->cfg.chunk;
     for (int i = 0; i < (int)w->cfg.max_concurrent; i++) {
-        prefill_slot *s = &w->slots[i];
-        s->w = w;
-        s->index = i;
-        s->ctx = mdl_ctx_init(w->model, &cp, err);
-        if (!s->ctx)
-            return err->code ? err->code : -ENOMEM;
-        snprintf(s->digest, sizeof(s->digest), "dense"); /* a new context attends densely */
+        w->slots[i].w = w;
+        w->slots[i].index = i;
+    }
+    if (on_gpu(w)) {
+        rc = prefill_cuda_init(w, err); /* the slots' contexts are cuda_ctx: no mdl_ctx */
+        if (rc < 0)
+            return rc;
+    } else {
+        w->be = &prefill_backend_cpu;
+        mdl_ctx_params cp = mdl_ctx_default_params();
+        cp.n_ctx = w->n_ctx;
+        cp.n_threads = (int)w->cfg.threads;
+        cp.kv_type = (int)w->cfg.kv_type;
+        cp.n_chunk = w->cfg.chunk;
+        for (int i = 0; i < (int)w->cfg.max_concurrent; i++) {
+            prefill_slot *s = &w->slots[i];
+            s->ctx = mdl_ctx_init(w->model, &cp, err);
+            if (!s->ctx)
+                return err->code ? err->code : -ENOMEM;
+            snprintf(s->digest, sizeof(s->digest), "dense"); /* a new context attends densely */
+        }
     }
     CM_LOG_INFO("prefill: model %s (%s, %lld layers, fingerprint %s), ctx %lld x %ld, KV segment "
-                "%s (%u tokens/block), %s attention, ready in %.0f ms",
+                "%s (%u tokens/block, %s), %s attention, device %s, ready in %.0f ms",
                 w->cfg.model, hp->arch, (long long)hp->n_layer, w->fingerprint_hex,
                 (long long)w->n_ctx, w->cfg.max_concurrent, w->kv_path,
                 (unsigned)kvstore_get_geometry(w->kv)->tokens_per_block,
-                w->default_dense ? "dense" : "HiP", (double)(cm_time_ns() - t0) / 1e6);
+                dtype_name(kvstore_get_geometry(w->kv)->dtype),
+                w->default_dense ? "dense" : "HiP", w->be->name,
+                (double)(cm_time_ns() - t0) / 1e6);
     return 0;
 }
 
 static void free_everything(prefill_worker *w)
 {
+    prefill_cuda_free(w); /* before the store closes: it unregisters the segment pool */
     if (w->slots) {
         for (int i = 0; i < (int)w->cfg.max_concurrent; i++)
             mdl_ctx_free(w->slots[i].ctx);
@@ -348,6 +403,26 @@ int main(int argc, char **argv)
         return prc > 0 ? 0 : 2;
     }
     w->cfg.kv_type = !strcmp(g_kv_type, "f32") ? CPU_KV_F32 : CPU_KV_F16;
+    w->cfg.kv_create_dtype = w->cfg.kv_type == CPU_KV_F32 ? KVSTORE_DTYPE_F32 : KVSTORE_DTYPE_F16;
+    if (!strcmp(w->cfg.device, "cuda")) {
+        if (!prefill_cuda_built()) {
+            fprintf(stderr, "ihip-prefill-worker: --device cuda: this build has no CUDA backend "
+                            "(configure with -DIHIP_CUDA=ON where nvcc is installed); use "
+                            "--device cpu\n");
+            return 2;
+        }
+        if (!strcmp(g_kv_type, "f32")) {
+            fprintf(stderr, "ihip-prefill-worker: --kv-type f32 is a --device cpu option (with "
+                            "--device cuda: bf16 or fp8, the dtype of a --kv-create segment)\n");
+            return 2;
+        }
+        w->cfg.kv_create_dtype =
+            !strcmp(g_kv_type, "fp8") ? KVSTORE_DTYPE_F8_E4M3 : KVSTORE_DTYPE_BF16;
+    } else if (!strcmp(g_kv_type, "bf16") || !strcmp(g_kv_type, "fp8")) {
+        fprintf(stderr, "ihip-prefill-worker: --kv-type %s needs --device cuda (--device cpu: "
+                        "f16 or f32)\n", g_kv_type);
+        return 2;
+    }
     if (w->cfg.verbose)
         cm_log_level = CM_LOG_LEVEL_DEBUG;
     if (!w->cfg.model) {
@@ -416,9 +491,9 @@ int main(int argc, char **argv)
     rpc_server_free(w->server);
     pthread_mutex_lock(&w->mu);
     CM_LOG_INFO("prefill: bye (%" PRIu64 " ok, %" PRIu64 " failed, %" PRIu64 " cancelled, %" PRIu64
-                " rejected; %" PRIu64 " tokens computed, %" PRIu64 " reused)",
+                " rejected; %" PRIu64 " tokens computed on %s, %" PRIu64 " reused)",
                 w->n_ok, w->n_failed, w->n_cancelled, w->n_rejected, w->tokens_computed,
-                w->tokens_cached);
+                w->be ? w->be->name : w->cfg.device, w->tokens_cached);
     pthread_mutex_unlock(&w->mu);
     free_everything(w);
     return status;

@@ -4,8 +4,11 @@
  * Admission runs on the RPC thread and never blocks: it validates the request
  * (INVALID_ARGUMENT, FAILED_PRECONDITION for another segment or model), enforces
  * --max-prompt-tokens and --max-concurrent (RESOURCE_EXHAUSTED with retry-delay-ms), resolves
- * the attention overrides, and queues the job. Each context slot (one mdl_ctx per concurrent
- * prefill) has a thread that takes jobs from the queue and runs them:
+ * the attention overrides, and queues the job. Each context slot (one context per concurrent
+ * prefill) has a thread that takes jobs from the queue and runs them. The flow below is shared;
+ * what touches the context is a prefill_backend (prefill-impl.h): the CPU one here (an mdl_ctx,
+ * steps as written), or the GPU one of prefill-cuda.c (--device cuda: the prefix bound in place,
+ * pages written into blocks by a page sink):
  *
  *   1. prefix reuse: kvstore_prefix_lookup leases the READY sequence sharing the most full token
  *      blocks; the new WRITING sequence adopts those blocks (kvstore_seq_create with the
@@ -179,25 +182,6 @@ int prefill_attention_resolve(const prefill_worker *w, const char *preset, const
     return 0;
 }
 
-/* Put the job's attention on the slot's context (a new provider when the digest differs). */
-static int slot_set_attention(prefill_worker *w, prefill_slot *s, const prefill_job *j,
-                              cm_err *err)
-{
-    if (!strcmp(s->digest, j->digest))
-        return 0;
-    if (j->dense) {
-        mdl_ctx_set_attn(s->ctx, NULL);
-    } else {
-        mdl_attn attn;
-        int rc = hip_attn_provider_init(&attn, w->model, j->hc, err);
-        if (rc < 0)
-            return rc;
-        mdl_ctx_set_attn(s->ctx, &attn);
-    }
-    snprintf(s->digest, sizeof(s->digest), "%s", j->digest);
-    return 0;
-}
-
 /* ---- hand-over leases ------------------------------------------------------------------------ */
 
 static int handoff_add(prefill_worker *w, const kvstore_lease *l)
@@ -251,27 +235,13 @@ void prefill_handoff_reap(prefill_worker *w, bool all)
 
 /* ---- one prefill ----------------------------------------------------------------------------- */
 
-typedef struct run_state {
-    prefill_worker *w;
-    prefill_slot *s;
-    prefill_job *j;
-    kvstore_seq_ref seq;
-    uint32_t start;      /* n_past when mdl_prefill was called */
-    uint32_t stored;     /* tokens whose K/V are in the store */
-    uint32_t cached;
-    uint32_t elem_type;
-    uint64_t last_progress_ns;
-    int store_rc;        /* first kvstore error of the callback */
-    cm_err store_err;
-} run_state;
-
 static bool job_should_stop(prefill_worker *w, prefill_job *j)
 {
     return atomic_load(&w->stopping) || rpc_call_is_cancelled(j->call) ||
            rpc_call_deadline_ms(j->call) <= 0;
 }
 
-static void send_progress(run_state *r, bool force)
+static void send_progress(prefill_run *r, bool force)
 {
     uint64_t now = cm_time_ns();
     uint64_t iv = (uint64_t)(r->j->progress_interval_ms ? r->j->progress_interval_ms : 1000);
@@ -291,11 +261,60 @@ static void send_progress(run_state *r, bool force)
         r->last_progress_ns = now;
 }
 
+int prefill_run_chunk_done(prefill_run *r, uint32_t stored)
+{
+    r->stored = stored;
+    if (job_should_stop(r->w, r->j))
+        return 1;
+    send_progress(r, false);
+    return 0;
+}
+
+/* ---- the CPU backend: an mdl_ctx per slot, K/V rows copied into blocks after each chunk ------- */
+
+/* Put the job's attention on the slot's context (a new provider when the digest differs). */
+static int cpu_begin(prefill_run *r, cm_err *err)
+{
+    prefill_slot *s = r->s;
+    const prefill_job *j = r->j;
+    if (strcmp(s->digest, j->digest) != 0) {
+        if (j->dense) {
+            mdl_ctx_set_attn(s->ctx, NULL);
+        } else {
+            mdl_attn attn;
+            int rc = hip_attn_provider_init(&attn, r->w->model, j->hc, err);
+            if (rc < 0) {
+                cm_err_prefix(err, "attention: ");
+                return rc;
+            }
+            mdl_ctx_set_attn(s->ctx, &attn);
+        }
+        snprintf(s->digest, sizeof(s->digest), "%s", j->digest);
+    }
+    mdl_ctx_reset(s->ctx);
+    r->elem_type = s->ctx->params.kv_type == CPU_KV_F32 ? KVSTORE_DTYPE_F32 : KVSTORE_DTYPE_F16;
+    return 0;
+}
+
+/* The prefix's rows are copied into the context's cache (kvstore_kvcache_load). */
+static int cpu_load_prefix(prefill_run *r, const kvstore_lease *pl, uint32_t n, bool *keep,
+                           cm_err *err)
+{
+    mdl_ctx *c = r->s->ctx;
+    int rc = 0;
+    *keep = false;
+    for (int il = 0; il < (int)c->model->hp.n_layer && rc == 0; il++)
+        rc = kvstore_kvcache_load(r->w->kv, pl, (uint32_t)il, 0, n, c->k_cache[il],
+                                  c->v_cache[il], c->kv_row_bytes, r->elem_type, err);
+    c->n_past = rc == 0 ? n : 0;
+    return rc;
+}
+
 /* After every chunk of mdl_prefill: store its K/V, report, and decide whether to go on. */
-static int on_chunk(void *user, int64_t done, int64_t total)
+static int cpu_on_chunk(void *user, int64_t done, int64_t total)
 {
     (void)total;
-    run_state *r = user;
+    prefill_run *r = user;
     mdl_ctx *c = r->s->ctx;
     uint32_t t0 = r->stored, t1 = r->start + (uint32_t)done;
     CM_ASSERT(t1 >= t0 && (int64_t)t1 == c->n_past);
@@ -309,12 +328,28 @@ static int on_chunk(void *user, int64_t done, int64_t total)
             return 1;
         }
     }
-    r->stored = t1;
-    if (job_should_stop(r->w, r->j))
-        return 1;
-    send_progress(r, false);
-    return 0;
+    return prefill_run_chunk_done(r, t1);
 }
+
+static int cpu_compute(prefill_run *r, cm_err *err)
+{
+    return mdl_prefill(r->s->ctx, r->j->tokens + r->start, (int64_t)(r->j->n_tokens - r->start),
+                       NULL, cpu_on_chunk, r, err);
+}
+
+static float *cpu_logits(const prefill_run *r)
+{
+    return r->s->ctx->logits;
+}
+
+const prefill_backend prefill_backend_cpu = {
+    .name = "cpu",
+    .what = "prefill",
+    .begin = cpu_begin,
+    .load_prefix = cpu_load_prefix,
+    .compute = cpu_compute,
+    .logits = cpu_logits,
+};
 
 /* Build the decode seed state (format 1, little-endian):
  *   u32 magic "IHSD", u32 version, u64 n_past, u64 n_tokens, u64 FNV-1a of the token ids (int32
@@ -345,8 +380,8 @@ static unsigned char *seed_build(const prefill_job *j, size_t *len)
 }
 
 /* Send the result (waiting out a full send queue) and finish OK. */
-static void send_result(prefill_worker *w, prefill_slot *s, prefill_job *j, kvstore_lease lease,
-                        uint32_t cached, uint64_t t_start)
+static void send_result(prefill_worker *w, float *logits, prefill_job *j,
+                        kvstore_lease lease, uint32_t cached, uint64_t t_start)
 {
     Infinitehip__V1__KvHandle h = INFINITEHIP__V1__KV_HANDLE__INIT;
     h.segment = w->kv_path;
@@ -382,7 +417,7 @@ static void send_result(prefill_worker *w, prefill_slot *s, prefill_job *j, kvst
     res.handle = &h;
     res.seed = &sd;
     if (j->return_logits) {
-        res.last_logits.data = (uint8_t *)s->ctx->logits;
+        res.last_logits.data = (uint8_t *)logits;
         res.last_logits.len = sizeof(float) * (size_t)w->model->hp.n_vocab;
     }
     res.queue_us = (t_start - j->t_arrive) / 1000;
@@ -427,29 +462,27 @@ static void fail_kv(prefill_worker *w, prefill_job *j, int rc, const cm_err *err
     }
 }
 
-/* Returns true when the job ended OK. */
-static bool job_run(prefill_worker *w, prefill_slot *s, prefill_job *j)
+/* One attempt at the job; r is zeroed by the caller, which releases r->prefix when it is held.
+ * Returns true when the job ended OK; false with r->retry when it must run again without prefix
+ * reuse (no status set), else false with the job's status set. */
+static bool job_run_once(prefill_worker *w, prefill_slot *s, prefill_job *j, prefill_run *r,
+                         uint64_t t_start)
 {
     const kvstore_geometry *g = kvstore_get_geometry(w->kv);
-    mdl_ctx *c = s->ctx;
-    uint64_t t_start = cm_time_ns();
+    const prefill_backend *be = w->be;
     cm_err err = {0};
     int rc;
     if (job_should_stop(w, j)) {
         fail_stopped(w, j, "before start");
         return false;
     }
-    if ((rc = slot_set_attention(w, s, j, &err)) < 0) {
-        job_status(j, rpc_code_from_err(rc), "attention: %s", err.msg);
+    r->w = w;
+    r->s = s;
+    r->j = j;
+    if ((rc = be->begin(r, &err)) < 0) {
+        job_status(j, rpc_code_from_err(rc), "%s", err.msg);
         return false;
     }
-    mdl_ctx_reset(c);
-
-    run_state r = {0};
-    r.w = w;
-    r.s = s;
-    r.j = j;
-    r.elem_type = c->params.kv_type == CPU_KV_F32 ? KVSTORE_DTYPE_F32 : KVSTORE_DTYPE_F16;
     bool have_seq = false;
     const uint32_t tpb = g->tokens_per_block;
 
@@ -459,28 +492,31 @@ static bool job_run(prefill_worker *w, prefill_slot *s, prefill_job *j)
         uint32_t ntb = 0;
         rc = kvstore_prefix_lookup(w->kv, j->tokens, j->n_tokens, &pl, &ntb, &err);
         if (rc == 0) {
+            bool keep = false;
             uint32_t cap = (j->n_tokens - 1) / tpb;
             if (ntb > cap)
                 ntb = cap;
-            if (ntb > 0 && kvstore_seq_create(w->kv, &pl, ntb, &r.seq, &err) == 0) {
+            if (ntb > 0 && kvstore_seq_create(w->kv, &pl, ntb, &r->seq, &err) == 0) {
                 have_seq = true;
                 uint32_t n = ntb * tpb;
-                for (int il = 0; il < (int)w->model->hp.n_layer && rc == 0; il++)
-                    rc = kvstore_kvcache_load(w->kv, &pl, (uint32_t)il, 0, n, c->k_cache[il],
-                                              c->v_cache[il], c->kv_row_bytes, r.elem_type, &err);
+                rc = be->load_prefix(r, &pl, n, &keep, &err);
                 if (rc == 0) {
-                    c->n_past = n;
-                    r.cached = r.stored = n;
+                    r->cached = r->stored = n;
                 } else {
                     /* cannot read the prefix: recompute everything in a fresh sequence */
                     CM_LOG_WARN("prefill %s: prefix not readable (%s), recomputing",
                                 j->request_id, err.msg);
-                    kvstore_seq_abort(w->kv, r.seq, NULL);
+                    kvstore_seq_abort(w->kv, r->seq, NULL);
                     have_seq = false;
-                    c->n_past = 0;
+                    keep = false;
                 }
             }
-            kvstore_lease_release(w->kv, &pl, NULL);
+            if (keep) {
+                r->prefix = pl;
+                r->have_prefix = true;
+            } else {
+                kvstore_lease_release(w->kv, &pl, NULL);
+            }
         } else if (rc != -KVSTORE_ENOTFOUND) {
             CM_LOG_WARN("prefill %s: prefix lookup: %s", j->request_id, err.msg);
         }
@@ -494,13 +530,13 @@ static bool job_run(prefill_worker *w, prefill_slot *s, prefill_job *j)
         if (reserve > room)
             reserve = room;
         uint64_t tb_total = ((uint64_t)j->n_tokens + reserve + tpb - 1) / tpb;
-        uint64_t need = (tb_total - r.cached / tpb) * g->n_layers;
+        uint64_t need = (tb_total - r->cached / tpb) * g->n_layers;
         kvstore_stats st;
         if (tb_total * g->n_layers > UINT32_MAX ||
             (kvstore_get_stats(w->kv, &st, NULL) == 0 &&
              tb_total * g->n_layers > st.max_blocks_per_seq)) {
             if (have_seq)
-                kvstore_seq_abort(w->kv, r.seq, NULL);
+                kvstore_seq_abort(w->kv, r->seq, NULL);
             job_status(j, RPC_RESOURCE_EXHAUSTED,
                        "%u prompt + %u decode tokens need more blocks than a sequence may have",
                        (unsigned)j->n_tokens, (unsigned)reserve);
@@ -513,7 +549,7 @@ static bool job_run(prefill_worker *w, prefill_slot *s, prefill_job *j)
             if (kvstore_get_stats(w->kv, &st, NULL) == 0 &&
                 (uint64_t)st.ram_free + st.spill_free < need) {
                 if (have_seq)
-                    kvstore_seq_abort(w->kv, r.seq, NULL);
+                    kvstore_seq_abort(w->kv, r->seq, NULL);
                 rpc_call_set_retry_delay(j->call, w->cfg.retry_delay_ms);
                 job_status(j, RPC_RESOURCE_EXHAUSTED,
                            "KV store full: %" PRIu64 " blocks needed, %u free", need,
@@ -523,35 +559,37 @@ static bool job_run(prefill_worker *w, prefill_slot *s, prefill_job *j)
         }
     }
     if (!have_seq) {
-        rc = kvstore_seq_create(w->kv, NULL, 0, &r.seq, &err);
+        rc = kvstore_seq_create(w->kv, NULL, 0, &r->seq, &err);
         if (rc < 0) {
             fail_kv(w, j, rc, &err);
             return false;
         }
         have_seq = true;
     }
-    r.start = r.stored;
-    send_progress(&r, true);
+    r->start = r->stored;
+    send_progress(r, true);
 
-    /* 2. chunked prefill of the rest; on_chunk stores each chunk */
-    rc = mdl_prefill(c, j->tokens + r.start, (int64_t)(j->n_tokens - r.start), NULL, on_chunk, &r,
-                     &err);
+    /* 2. chunked prefill of the rest; the backend stores each chunk */
+    rc = be->compute(r, &err);
     if (rc < 0) {
-        kvstore_seq_abort(w->kv, r.seq, NULL);
-        if (r.store_rc < 0)
-            fail_kv(w, j, r.store_rc, &r.store_err);
+        kvstore_seq_abort(w->kv, r->seq, NULL);
+        if (r->retry)
+            CM_LOG_WARN("prefill %s: %s; recomputing without prefix reuse", j->request_id,
+                        err.msg);
+        else if (r->store_rc < 0)
+            fail_kv(w, j, r->store_rc, &r->store_err);
         else if (rc == -ECANCELED)
             fail_stopped(w, j, err.msg);
         else
-            job_status(j, rpc_code_from_err(rc), "prefill: %s", err.msg);
+            job_status(j, rpc_code_from_err(rc), "%s: %s", be->what, err.msg);
         return false;
     }
 
     /* 3. publish and reply */
     kvstore_lease lease;
-    rc = kvstore_seq_publish(w->kv, r.seq, j->tokens, j->n_tokens, &lease, &err);
+    rc = kvstore_seq_publish(w->kv, r->seq, j->tokens, j->n_tokens, &lease, &err);
     if (rc < 0) {
-        kvstore_seq_abort(w->kv, r.seq, NULL);
+        kvstore_seq_abort(w->kv, r->seq, NULL);
         fail_kv(w, j, rc, &err);
         return false;
     }
@@ -561,14 +599,35 @@ static bool job_run(prefill_worker *w, prefill_slot *s, prefill_job *j)
         return false;
     }
     pthread_mutex_lock(&w->mu);
-    w->tokens_computed += j->n_tokens - r.cached;
-    w->tokens_cached += r.cached;
+    w->tokens_computed += j->n_tokens - r->cached;
+    w->tokens_cached += r->cached;
     pthread_mutex_unlock(&w->mu);
-    CM_LOG_INFO("prefill %s: %u tokens (%u cached) -> sequence %u/%u in %.1f ms", j->request_id,
-                (unsigned)j->n_tokens, (unsigned)r.cached, (unsigned)lease.seq.id,
-                (unsigned)lease.seq.gen, (double)(cm_time_ns() - t_start) / 1e6);
-    send_result(w, s, j, lease, r.cached, t_start);
+    CM_LOG_INFO("prefill %s: %u tokens (%u cached) -> sequence %u/%u in %.1f ms%s", j->request_id,
+                (unsigned)j->n_tokens, (unsigned)r->cached, (unsigned)lease.seq.id,
+                (unsigned)lease.seq.gen, (double)(cm_time_ns() - t_start) / 1e6,
+                be == &prefill_backend_cpu ? "" : " (GPU)");
+    send_result(w, be->logits(r), j, lease, r->cached, t_start);
     return true;
+}
+
+/* Returns true when the job ended OK. A job whose adopted prefix could not be used after all
+ * (r.retry) runs once more, without prefix reuse. */
+static bool job_run(prefill_worker *w, prefill_slot *s, prefill_job *j)
+{
+    uint64_t t_start = cm_time_ns();
+    for (;;) {
+        prefill_run r = {0};
+        bool ok = job_run_once(w, s, j, &r, t_start);
+        if (r.have_prefix)
+            kvstore_lease_release(w->kv, &r.prefix, NULL);
+        if (!r.retry)
+            return ok;
+        if (j->no_prefix_reuse) { /* retry is only asked for when a prefix was adopted */
+            job_status(j, RPC_INTERNAL, "prefill: retry asked for without a prefix");
+            return false;
+        }
+        j->no_prefix_reuse = true;
+    }
 }
 
 static void *slot_main(void *arg)
