@@ -2,7 +2,7 @@
  * ihip-kv.c — command-line tool for kvstore segments.
  *
  *   ihip-kv create  NAME --layers N --kv-heads N --head-dim N [--tokens-per-block N]
- *                        [--dtype f16|bf16|f32] [--bytes-per-block N] [--fingerprint HEX]
+ *                        [--dtype f16|bf16|f32|fp8] [--bytes-per-block N] [--fingerprint HEX]
  *                        [--blocks N] [--spill-dir DIR --spill-blocks N] [--seqs N]
  *                        [--blocks-per-seq N] [--leases N] [--owners N] [--lease-ttl-ms N]
  *   ihip-kv stats   NAME      geometry, block/sequence/lease totals, counters
@@ -28,7 +28,7 @@ static void usage(void)
     fprintf(stderr,
             "usage: ihip-kv create NAME --layers N --kv-heads N --head-dim N [options]\n"
             "       ihip-kv stats|ls|gc|check|destroy NAME [--dir DIR] [--json]\n"
-            "create options: --tokens-per-block N (64) --dtype f16|bf16|f32 (f16)\n"
+            "create options: --tokens-per-block N (64) --dtype f16|bf16|f32|fp8 (f16)\n"
             "  --bytes-per-block N --fingerprint HEX --blocks N (1024) --spill-dir DIR\n"
             "  --spill-blocks N --seqs N (256) --blocks-per-seq N (65536) --leases N (4096)\n"
             "  --owners N (256) --lease-ttl-ms N (60000)\n"
@@ -67,6 +67,7 @@ static const char *dtype_name(uint32_t dt)
     case KVSTORE_DTYPE_F32: return "f32";
     case KVSTORE_DTYPE_F16: return "f16";
     case KVSTORE_DTYPE_BF16: return "bf16";
+    case KVSTORE_DTYPE_F8_E4M3: return "fp8";
     default: return "other";
     }
 }
@@ -211,6 +212,7 @@ int main(int argc, char **argv)
             if (!strcmp(v, "f16")) g.dtype = KVSTORE_DTYPE_F16;
             else if (!strcmp(v, "bf16")) g.dtype = KVSTORE_DTYPE_BF16;
             else if (!strcmp(v, "f32")) g.dtype = KVSTORE_DTYPE_F32;
+            else if (!strcmp(v, "fp8")) g.dtype = KVSTORE_DTYPE_F8_E4M3;
             else ok = false;
         } else if (!strcmp(a, "--fingerprint")) {
             ok = parse_u64(v, &x, 16) == 0;
