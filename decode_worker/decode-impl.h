@@ -78,6 +78,7 @@ typedef struct decode_config {
     int64_t gpu_sa_cache_tokens;   /* K‖V page cache per layer in tokens (< 0: none) */
     int64_t gpu_mask_cache_tokens; /* keys-only page cache per layer in tokens (< 0: none) */
     int64_t gpu_tail_tokens; /* GPU ring per slot and layer (0 = max-tokens-limit + 2 blocks) */
+    int64_t gpu_spill_max_bytes; /* pinned host staging for one sequence's spilled blocks */
     bool verbose;
 } decode_config;
 
@@ -173,12 +174,15 @@ typedef struct decode_gpu_stats {
     uint64_t failures;       /* decode calls that failed */
     uint64_t kv_bytes;       /* GPU memory of the KV: ring + caches */
     uint64_t model_bytes;    /* GPU memory of the weights */
+    uint64_t spill_blocks;   /* spilled prompt blocks read back (io_uring) into pinned staging */
 } decode_gpu_stats;
 /* Upload the model, register the segment, make the context (needs model, store, attention). */
 int decode_gpu_init(cm_err *err);
 void decode_gpu_free(void);
 /* Bind tokens [0, n_tokens) of the leased sequence to a free slot (*slot); the lease must be
- * held until decode_gpu_release. -ENOSPC when a block is in the spill tier. */
+ * held until decode_gpu_release. Blocks in the spill tier are read back (kvstore pager:
+ * io_uring) into pinned host staging of the slot, up to --gpu-spill-max-bytes per sequence
+ * (-ENOSPC beyond). */
 int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_err *err);
 /* Forget the slot's pages (the lease may be released afterwards) and free the slot. */
 void decode_gpu_release(int slot);

@@ -101,6 +101,9 @@ static cfg_entry cfg_table[] = {
     {"--gpu-tail-tokens", CFG_INT, &C.gpu_tail_tokens, "0", 0, INT64_C(1) << 32,
      "--device cuda: GPU ring per sequence and layer for decoded tokens (0 = max-tokens-limit + "
      "2 blocks)"},
+    {"--gpu-spill-max-bytes", CFG_INT, &C.gpu_spill_max_bytes, "8589934592", 0, INT64_MAX,
+     "--device cuda: pinned host staging for one sequence's blocks that are in the spill tier "
+     "(read back with io_uring; 0 = refuse such sequences)"},
     {"--verbose", CFG_BOOL, &C.verbose, "0", 0, 1, "debug logging"},
 };
 #undef C
@@ -608,6 +611,8 @@ static void on_get_stats(rpc_call *c, const ProtobufCMessage *msg, void *user)
          "keys page cache: pages copied in"},
         {"gpu.mask_cache_overflow", (double)gs.mk_overflow, true,
          "keys page cache: needed pages that did not fit (read over the bus)"},
+        {"gpu.spill_blocks", (double)gs.spill_blocks, true,
+         "spilled prompt blocks read back into pinned staging for the GPU"},
         {"gpu.bytes_h2d", (double)gs.bytes_h2d, true,
          "bytes copied host to GPU into the page caches"},
         {"gpu.bytes_h2d_per_token",
