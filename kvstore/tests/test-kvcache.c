@@ -216,10 +216,31 @@ static void fingerprint(void)
     remove(path);
 }
 
+/* The fp8 dtype of the GPU paths: one byte per element in the geometry; the CPU conversions
+ * refuse it (they would misread the bytes). */
+static void fp8_geometry(void)
+{
+    kvstore_geometry g;
+    memset(&g, 0, sizeof(g));
+    g.n_layers = 2;
+    g.n_kv_heads = 3;
+    g.head_dim = 16;
+    g.tokens_per_block = 64;
+    g.dtype = KVSTORE_DTYPE_F8_E4M3;
+    CHECK(kvstore_geometry_finish(&g, NULL) == 0 && g.bytes_per_block == 2u * 3 * 64 * 16,
+          "fp8 block bytes %llu", (unsigned long long)g.bytes_per_block);
+    static unsigned char blk[2 * 3 * 64 * 16];
+    float rows[3 * 16] = {0};
+    CHECK(kvstore_kvcache_block_to_rows(&g, blk, 0, 1, rows, rows, sizeof(rows),
+                                        KVSTORE_DTYPE_F32) == -EINVAL,
+          "fp8 block converted to f32 rows");
+}
+
 int main(void)
 {
     kvt_dir(g_dir, sizeof(g_dir), "kvcache");
     fingerprint();
+    fp8_geometry();
     round_trip(KVSTORE_DTYPE_F16, KVSTORE_DTYPE_F16);
     round_trip(KVSTORE_DTYPE_F32, KVSTORE_DTYPE_F32);
     round_trip(KVSTORE_DTYPE_F16, KVSTORE_DTYPE_F32);
