@@ -791,6 +791,10 @@ int main(int argc, char **argv)
         {"prefill true positions", 70001, 96, false, R, false, true, false, 4, 2, 64, NE, false, true},
         {"decode true positions", 70002, 1, true, C, true, false, false, 4, 2, 128, NO, false, true},
         {"short T (no candidates)", 1200, 65, false, R, false, false, false, 4, 2, 128, NO, false},
+        /* a last prefill chunk shorter than one query block (the SmolLM2 shape; the open
+         * CPU-vs-GPU prefill finding of test-cuda-offload part 3 has such a chunk) */
+        {"prefill one partial block", 2600, 40, false, R, false, false, false, 9, 3, 64, NE, false},
+        {"prefill one partial block special", 2600, 40, true, C, false, false, false, 9, 3, 64, NE, false},
         {"decode short T", 1400, 1, true, C, false, false, false, 4, 2, 128, NE, false},
         {"decode Llama-8B normal", 131072 + 77, 1, false, R, false, false, false, 32, 8, 128, NO, false},
         {"decode Llama-8B special paged", 130001, 1, true, C, false, true, false, 32, 8, 128, NO, false},
