@@ -71,8 +71,9 @@ class Worker:
 
     def __init__(self, name, args):
         self.name = name
-        self.proc = subprocess.Popen([os.path.join(BIN, name), *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([os.path.join(BIN, name), *args], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     errors="replace")
         line = self.proc.stdout.readline()
         m = re.search(r"listening on (\d+)", line)
         if not m:
@@ -88,6 +89,20 @@ class Worker:
     def _drain(self):
         for line in self.proc.stderr:
             self.log.append(line)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def rss_kb(self):
+        """Resident set size of the process in KiB (-1 if unknown)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return -1
 
     def wait_serving(self, timeout=120):
         import grpc

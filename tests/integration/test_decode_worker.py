@@ -27,10 +27,8 @@ no binaries, or grpcio missing).
 import json
 import math
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,10 +36,9 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.environ.get("IHIP_SRC") or os.path.abspath(os.path.join(HERE, "..", ".."))
-BIN = os.environ.get("IHIP_BIN") or os.path.join(SRC, "build", "bin")
-MODEL = os.environ.get("IHIP_MODEL") or os.path.join(SRC, "models",
-                                                      "SmolLM2-135M-Instruct-Q4_1.gguf")
+sys.path.insert(0, os.path.join(HERE, "..", "common"))
+import stack  # noqa: E402
+from stack import BIN, MODEL, SRC, check, free_port, wait_for  # noqa: E402,F401
 sys.path.insert(0, os.path.join(SRC, "tests", "clients", "python"))
 
 try:
@@ -53,87 +50,18 @@ except ImportError as e:
     print("0 passed, 0 failed")
     sys.exit(77)
 
-N_PASS = 0
-N_FAIL = 0
 SC = grpc.StatusCode
 THREADS = "1"
 
 
-def check(name, cond, detail=""):
-    global N_PASS, N_FAIL
-    if cond:
-        N_PASS += 1
-        print(f"ok   {name}", flush=True)
-    else:
-        N_FAIL += 1
-        print(f"FAIL {name} {detail}", flush=True)
-    return cond
-
-
-def wait_for(pred, timeout=10.0, step=0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-class Worker:
-    """One worker process; reads 'listening on PORT' from its stdout."""
-
-    def __init__(self, name, args):
-        self.name = name
-        self.proc = subprocess.Popen([os.path.join(BIN, name), *args], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        m = re.search(r"listening on (\d+)", line)
-        if not m:
-            err = self.proc.stderr.read()
-            raise RuntimeError(f"{name} did not start: {line!r} {err[-2000:]}")
-        self.port = int(m.group(1))
-        self.addr = f"127.0.0.1:{self.port}"
-        self.log = []
-        self._t = threading.Thread(target=self._drain, daemon=True)
-        self._t.start()
-
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.log.append(line)
+class Worker(stack.Worker):
+    """stack.Worker with this file's shorter waits (60 s to SERVING, 30 s to stop)."""
 
     def wait_serving(self, timeout=60):
-        ch = grpc.insecure_channel(self.addr)
-        stub = health_pb2_grpc.HealthStub(ch)
-
-        def ok():
-            try:
-                return stub.Check(health_pb2.HealthCheckRequest(service=""),
-                                  timeout=2).status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.RpcError:
-                return False
-        r = wait_for(ok, timeout, 0.1)
-        ch.close()
-        return r
+        return super().wait_serving(timeout)
 
     def stop(self, sig=signal.SIGTERM, timeout=30):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            rc = None
-        self._t.join(timeout=5)
-        return rc
+        return super().stop(sig, timeout)
 
 
 class Stack:
@@ -658,11 +586,13 @@ def main():
                 check(f"{t.__name__} ran without an exception", False, repr(e))
         st.decode = None
     finally:
-        if N_FAIL and st.decode:
+        n_pass, n_fail = stack.counts()
+        if n_fail and st.decode:
             sys.stdout.write("".join(st.decode.log[-30:]))
         st.close()
-    print(f"{N_PASS} passed, {N_FAIL} failed")
-    return 1 if N_FAIL else 0
+    n_pass, n_fail = stack.counts()
+    print(f"{n_pass} passed, {n_fail} failed")
+    return 1 if n_fail else 0
 
 
 if __name__ == "__main__":

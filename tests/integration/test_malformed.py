@@ -56,10 +56,9 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.environ.get("IHIP_SRC") or os.path.abspath(os.path.join(HERE, "..", ".."))
-BIN = os.environ.get("IHIP_BIN") or os.path.join(SRC, "build", "bin")
-MODEL = os.environ.get("IHIP_MODEL") or os.path.join(SRC, "models",
-                                                      "SmolLM2-135M-Instruct-Q4_1.gguf")
+sys.path.insert(0, os.path.join(HERE, "..", "common"))
+import stack  # noqa: E402
+from stack import BIN, MODEL, SRC, free_port  # noqa: E402,F401
 try:
     import grpc
 except ImportError as e:
@@ -243,61 +242,11 @@ BAD_UTF8 = {
 
 # ---- processes --------------------------------------------------------------------------------
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-class Worker:
-    """One worker process; reads 'listening on PORT' from its stdout, keeps its stderr."""
-
-    def __init__(self, name, args):
-        self.name = name
-        self.proc = subprocess.Popen([os.path.join(BIN, name), *args], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     errors="replace")
-        line = self.proc.stdout.readline()
-        m = re.search(r"listening on (\d+)", line)
-        if not m:
-            err = self.proc.stderr.read()
-            raise RuntimeError(f"{name} did not start: {line!r} {err[-2000:]}")
-        self.port = int(m.group(1))
-        self.addr = f"127.0.0.1:{self.port}"
-        self.log = []
-        self._t = threading.Thread(target=self._drain, daemon=True)
-        self._t.start()
-
-    def _drain(self):
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def rss_kb(self):
-        try:
-            with open(f"/proc/{self.proc.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return -1
+class Worker(stack.Worker):
+    """stack.Worker that waits at most 30 s for a stop."""
 
     def stop(self, sig=signal.SIGTERM, timeout=30):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            rc = None
-        self._t.join(timeout=5)
-        return rc
+        return super().stop(sig, timeout)
 
 
 IDENT = (lambda b: b)
