@@ -311,6 +311,7 @@ static void stats_snapshot_locked(void)
     gpu.st.mk_overflow = os.mk_overflow;
     gpu.st.bytes_h2d = os.bytes_h2d;
     gpu.st.decode_steps = os.decode_steps;
+    for (int i = 0; i < 4; i++) gpu.st.refresh[i] = os.refresh[i];
     gpu.st.kv_bytes = os.gpu_kv_bytes;
     pthread_mutex_unlock(&gpu.st_mu);
 }
