@@ -163,14 +163,25 @@ int main(int argc, char **argv)
     check("stream cancel → CANCELLED (-ECANCELED)",
           rc == -ECANCELED && st.code == RPC_CANCELLED && pieces >= 2 && pieces < 10, buf);
 
-    /* RESOURCE_EXHAUSTED with the retry delay: fill the 4 slots, then one more */
+    /* RESOURCE_EXHAUSTED with the retry delay: fill the 4 slots, then one more. The stream
+     * cancelled just above frees its slot only when the server notices the cancel (later on a
+     * loaded machine): a slot refused meanwhile is asked for again after the server's delay. */
     rpc_stream *busy[4] = {0};
     int admitted = 0;
     for (int i = 0; i < 4; i++) {
-        if (rpc_stream_open(&busy[i], ch, GEN, &gq.base, 20000, &st) == 0 &&
-            rpc_stream_read(busy[i], &infinitehip__v1__generate_response__descriptor, a, &m, &st) ==
-                1)
-            admitted++;
+        for (int attempt = 0; attempt < 20; attempt++) {
+            if (rpc_stream_open(&busy[i], ch, GEN, &gq.base, 20000, &st) == 0 &&
+                rpc_stream_read(busy[i], &infinitehip__v1__generate_response__descriptor, a, &m,
+                                &st) == 1) {
+                admitted++;
+                break;
+            }
+            rpc_stream_free(busy[i]);
+            busy[i] = NULL;
+            if (st.code != RPC_RESOURCE_EXHAUSTED) break;
+            struct timespec ts = {0, 100 * 1000000L};
+            nanosleep(&ts, NULL);
+        }
     }
     rc = rpc_stream_open(&s, ch, GEN, &gq.base, 5000, &st);
     if (rc == 0) rc = read_all(s, a, text, sizeof(text), &n, &st);
