@@ -66,6 +66,19 @@ def missing_binaries(names=("ihip-decode-worker", "ihip-prefill-worker", "ihip-k
     return None
 
 
+def not_ready():
+    """None when the workers, ihip-kv and the model are there; else prints the skip lines a
+    test prints before exiting 77, and returns 77."""
+    miss = missing_binaries()
+    if miss:
+        print(f"skip: {miss} not built in {BIN}\n0 passed, 0 failed")
+        return 77
+    if not os.path.exists(MODEL):
+        print(f"skip: no model at {MODEL}\n0 passed, 0 failed")
+        return 77
+    return None
+
+
 class Worker:
     """One worker process; reads 'listening on PORT' from its stdout, keeps its stderr."""
 

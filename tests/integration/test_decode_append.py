@@ -60,12 +60,7 @@ def retained_seqs(st):
 
 
 def main():
-    miss = stack.missing_binaries()
-    if miss:
-        print(f"skip: {miss} not built in {stack.BIN}\n0 passed, 0 failed")
-        return 77
-    if not os.path.exists(stack.MODEL):
-        print(f"skip: no model at {stack.MODEL}\n0 passed, 0 failed")
+    if stack.not_ready():
         return 77
     # 330 blocks = 11 token blocks of 16 tokens x 30 layers: small enough that retention must
     # give way to a larger prompt.

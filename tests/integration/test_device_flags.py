@@ -41,12 +41,7 @@ def start(worker, args, timeout=120):
 
 
 def main():
-    miss = stack.missing_binaries()
-    if miss:
-        print(f"skip: {miss} not built in {stack.BIN}\n0 passed, 0 failed")
-        return 77
-    if not os.path.exists(stack.MODEL):
-        print(f"skip: no model at {stack.MODEL}\n0 passed, 0 failed")
+    if stack.not_ready():
         return 77
     gpu = gpu_visible()
     with tempfile.TemporaryDirectory(prefix="ihip-devflags-") as d:

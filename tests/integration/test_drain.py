@@ -33,12 +33,7 @@ GREEDY = {"temperature": 0.0}
 
 
 def main():
-    miss = stack.missing_binaries()
-    if miss:
-        print(f"skip: {miss} not built in {stack.BIN}\n0 passed, 0 failed")
-        return 77
-    if not os.path.exists(stack.MODEL):
-        print(f"skip: no model at {stack.MODEL}\n0 passed, 0 failed")
+    if stack.not_ready():
         return 77
     st = stack.Stack()
     try:
