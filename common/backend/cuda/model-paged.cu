@@ -405,6 +405,14 @@ int paged_init(cuda_ctx *c, const cuda_ctx_params *p, cm_err *err)
                           (double)ring_bytes / 1048576.0, (double)tab_bytes / 1048576.0,
                           cudaGetErrorString(e));
     }
+    /* the select kernel sorts up to MAX_SLOTS keys in dynamic shared memory (per device) */
+    e = cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)sizeof(unsigned long long) * MAX_SLOTS);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return cm_err_set(err, CUDA_ERR(e), "cuda context: page cache kernel: %s",
+                          cudaGetErrorString(e));
+    }
     int rc = cache_init(c, &pg->sa, p->sa_cache_tokens == 0 ? 32768 : p->sa_cache_tokens,
                         pg->page_bytes, err);
     if (rc == 0)
@@ -602,12 +610,6 @@ int paged_after_refresh(cuda_ctx *c, int il, int seq, int fs, const cuda_hip_mas
     const int n_layer = (int)c->m->hp.n_layer;
     hip_args ha;
     hip_args_from_config(&ha, c->hip, il, n_layer, false);
-    static bool smem_set = false;
-    if (!smem_set) {
-        cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)sizeof(unsigned long long) * MAX_SLOTS);
-        smem_set = true;
-    }
     const uint32_t tick = ++pg->tick;
     int rc = cache_update(c, &pg->sa, true, il, seq, m, ha.layer, ha.block_size_k, n_kv, tick);
     if (rc == 0 && fs == 0)
