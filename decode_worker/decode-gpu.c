@@ -248,13 +248,14 @@ int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_
     for (int il = 0; il < n_layer && rc == 0; il++)
         for (int64_t p = 0; p < n_pages && rc == 0; p++) {
             uint64_t a = 0;
-            rc = kvstore_cuda_block_addr(gpu.kc, lease, (uint32_t)p, (uint32_t)il, &a, NULL);
+            cm_err be = {0};
+            rc = kvstore_cuda_block_addr(gpu.kc, lease, (uint32_t)p, (uint32_t)il, &a, &be);
             if (rc == -KVSTORE_ESTATE) {
                 n_spilled++;
                 rc = 0;
                 a = 0;
             } else if (rc < 0) {
-                rc = kvstore_cuda_block_addr(gpu.kc, lease, (uint32_t)p, (uint32_t)il, &a, err);
+                cm_err_set(err, rc, "%s", be.msg);
             }
             ka[(size_t)il * n_pages + p] = a;
             va[(size_t)il * n_pages + p] = a ? a + gpu.half_bytes : 0;
