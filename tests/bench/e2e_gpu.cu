@@ -29,6 +29,7 @@
  */
 #include "backend/cuda/cuda-model.h"
 #include "backend/cuda/cuda.h"
+#include "bench-util.h"
 
 #include <cuda_runtime.h>
 #include <errno.h>
@@ -76,19 +77,6 @@ static int64_t argmax(const float *a, int64_t n, int *finite)
         if (a[i] > a[b]) b = i;
     }
     return b;
-}
-
-static int64_t parse_size(const char *s, char **end)
-{
-    long long v = strtoll(s, end, 10);
-    if (**end == 'K' || **end == 'k') {
-        v *= 1024;
-        (*end)++;
-    } else if (**end == 'M' || **end == 'm') {
-        v *= 1048576;
-        (*end)++;
-    }
-    return v;
 }
 
 static const char *kind_name(int kind, int n_stages, char *buf, size_t n)

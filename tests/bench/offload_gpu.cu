@@ -43,6 +43,7 @@
  */
 #include "backend/cuda/cuda-model.h"
 #include "backend/cuda/cuda.h"
+#include "bench-util.h"
 #include "kvstore.h"
 
 #include <cuda_runtime.h>
@@ -81,19 +82,6 @@ struct row {
     double host_gib;
 };
 
-static int64_t parse_size(const char *s, char **end)
-{
-    long long v = strtoll(s, end, 10);
-    if (**end == 'K' || **end == 'k') {
-        v *= 1024;
-        (*end)++;
-    } else if (**end == 'M' || **end == 'm') {
-        v *= 1048576;
-        (*end)++;
-    }
-    return v;
-}
-
 static int parse_list(const char *v, int64_t *out, int *n)
 {
     *n = 0;
@@ -105,6 +93,12 @@ static int parse_list(const char *v, int64_t *out, int *n)
         if (*e == ',') e++;
     }
     return 0;
+}
+
+/* Bytes of the K (or V) half of one page / block. */
+static size_t half_bytes(const mdl_hparams *hp, const struct opts *o)
+{
+    return (size_t)hp->n_head_kv * o->page * hp->head_dim * (o->kv_dtype == CUDA_KV_FP8 ? 1 : 2);
 }
 
 static double mem_available_gib(void)
@@ -190,8 +184,7 @@ static int store_fill(struct host_kv *h, cuda_ctx *c, const mdl_hparams *hp, con
     int rc = make_segment(h, hp, o, (uint32_t)nb, (uint32_t)nb, err);
     r->register_s = (double)(cm_time_ns() - t0) / 1e9;
     if (rc) return rc;
-    const size_t half = (size_t)hp->n_head_kv * o->page * hp->head_dim *
-                        (o->kv_dtype == CUDA_KV_FP8 ? 1 : 2);
+    const size_t half = half_bytes(hp, o);
     kvstore_seq_ref seq;
     rc = kvstore_seq_create(h->kv, NULL, 0, &seq, err);
     for (int64_t p = 0; p < n_pages && rc == 0; p++)
@@ -232,8 +225,7 @@ static int alias_fill(struct host_kv *h, cuda_ctx *c, const mdl_hparams *hp, con
 {
     const int n_layer = (int)hp->n_layer;
     const int64_t n_pages = (ctx + o->page - 1) / o->page;
-    const size_t half = (size_t)hp->n_head_kv * o->page * hp->head_dim *
-                        (o->kv_dtype == CUDA_KV_FP8 ? 1 : 2);
+    const size_t half = half_bytes(hp, o);
     const int64_t phys = (int64_t)(o->alias_gib * GiB / (2.0 * half));
     if (phys < 1) return cm_err_set(err, -EINVAL, "--alias-gib too small");
     uint64_t t0 = cm_time_ns();
@@ -457,14 +449,14 @@ static void prefill_row(const cuda_model *m, const hip_config *hc, const struct 
     int32_t *tok = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
     float *lg = (float *)malloc(sizeof(float) * (size_t)hp->n_vocab);
     int rc = c && tok && lg ? 0 : -ENOMEM;
+    uint64_t x = 88172645463325252ULL; /* the same random prompt in both variants */
+    for (int64_t i = 0; i < n && tok; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        tok[i] = (int32_t)(x % (uint64_t)hp->n_vocab);
+    }
     if (rc == 0 && o->prefill_resident) {
-        uint64_t x = 88172645463325252ULL;
-        for (int64_t i = 0; i < n; i++) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            tok[i] = (int32_t)(x % (uint64_t)hp->n_vocab);
-        }
         uint64_t t0 = cm_time_ns();
         rc = cuda_prefill(c, 0, tok, n, lg, prefill_progress, &t0, &err);
         const double s = (double)(cm_time_ns() - t0) / 1e9;
@@ -485,16 +477,9 @@ static void prefill_row(const cuda_model *m, const hip_config *hc, const struct 
                           &err);
     struct sink_user su;
     su.h = &h;
-    su.half = (size_t)hp->n_head_kv * o->page * hp->head_dim * (o->kv_dtype == CUDA_KV_FP8 ? 1 : 2);
+    su.half = half_bytes(hp, o);
     if (rc == 0) rc = kvstore_seq_create(h.kv, NULL, 0, &su.seq, &err);
     if (rc == 0) rc = cuda_ctx_set_page_sink(c, bench_sink, &su);
-    uint64_t x = 88172645463325252ULL;
-    for (int64_t i = 0; i < n && tok; i++) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        tok[i] = (int32_t)(x % (uint64_t)hp->n_vocab);
-    }
     uint64_t t0 = cm_time_ns();
     if (rc == 0) rc = cuda_prefill(c, 0, tok, n, lg, prefill_progress, &t0, &err);
     if (rc == 0) rc = cuda_ctx_flush(c, 0, &err);
