@@ -44,16 +44,13 @@ static struct {
     int n_slots;
     bool *slot_used;   /* [n_slots] */
     void **spill_buf;  /* [n_slots] pinned staging of the slot's spilled blocks, or NULL */
-    kvstore_pager *pager; /* reads spilled blocks (io_uring); made on first need */
-    pthread_mutex_t pager_mu;
     float *logits;     /* [n_slots][n_vocab]: rows of the last decode_gpu_decode */
     size_t half_bytes; /* K (or V) bytes of one block: V = K + half_bytes */
     uint64_t t_snap;
     pthread_mutex_t st_mu; /* guards st */
     decode_gpu_stats st;
 } gpu = {.mu = PTHREAD_MUTEX_INITIALIZER,
-       .st_mu = PTHREAD_MUTEX_INITIALIZER,
-       .pager_mu = PTHREAD_MUTEX_INITIALIZER};
+       .st_mu = PTHREAD_MUTEX_INITIALIZER};
 
 int decode_gpu_init(cm_err *err)
 {
@@ -143,11 +140,9 @@ void decode_gpu_free(void)
     cuda_ctx_free(gpu.ctx);
     gpu.ctx = NULL;
     for (int i = 0; gpu.spill_buf && i < gpu.n_slots; i++)
-        if (gpu.spill_buf[i]) cudaFreeHost(gpu.spill_buf[i]);
+        kvstore_cuda_staging_free(gpu.spill_buf[i]);
     free(gpu.spill_buf);
     gpu.spill_buf = NULL;
-    kvstore_pager_free(gpu.pager);
-    gpu.pager = NULL;
     kvstore_cuda_free(gpu.kc); /* unregisters the pool: before the segment is closed */
     gpu.kc = NULL;
     cuda_model_free(gpu.model);
@@ -156,75 +151,6 @@ void decode_gpu_free(void)
     gpu.slot_used = NULL;
     free(gpu.logits);
     gpu.logits = NULL;
-}
-
-/* The spill tier (HIP.md §7, DESIGN.md): the n_spilled blocks whose address is 0 in ka are read
- * back with the kvstore pager (io_uring, validated against concurrent moves) into one pinned,
- * GPU-mapped host buffer, and their addresses point there; the GPU then reads them like RAM-tier
- * blocks (over the bus, or copied into its page caches). *staging is the buffer (cudaFreeHost). */
-static int stage_spilled(const kvstore_lease *lease, uint64_t *ka, uint64_t *va, int n_layer,
-                         int64_t n_pages, size_t n_spilled, void **staging, cm_err *err)
-{
-    const uint64_t bpb = kvstore_get_geometry(decode_g.kv)->bytes_per_block;
-    const uint64_t bytes = (uint64_t)n_spilled * bpb;
-    if (bytes > (uint64_t)decode_g.cfg.gpu_spill_max_bytes)
-        return cm_err_set(err, -ENOSPC,
-                          "%zu of the prompt's K/V blocks are in the spill tier (%.1f MiB); "
-                          "--gpu-spill-max-bytes allows %.1f MiB of pinned staging per sequence "
-                          "(raise it, or keep the segment's RAM pool large enough)",
-                          n_spilled, (double)bytes / 1048576.0,
-                          (double)decode_g.cfg.gpu_spill_max_bytes / 1048576.0);
-    cudaSetDevice(gpu.dev);
-    uint8_t *buf = NULL;
-    cudaError_t e = cudaHostAlloc((void **)&buf, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
-    if (e != cudaSuccess) {
-        cudaGetLastError();
-        return cm_err_set(err, -ENOSPC, "pinned staging of %.1f MiB for spilled blocks: %s",
-                          (double)bytes / 1048576.0, cudaGetErrorString(e));
-    }
-    void *dbuf = NULL;
-    e = cudaHostGetDevicePointer(&dbuf, buf, 0);
-    kvstore_copy *cp = calloc(n_spilled, sizeof(*cp));
-    int rc = e == cudaSuccess && cp ? 0 : cm_err_set(err, -ENOMEM, "staging spilled blocks: %s",
-                                                      cudaGetErrorString(e));
-    size_t k = 0;
-    for (int il = 0; il < n_layer && rc == 0; il++)
-        for (int64_t p = 0; p < n_pages && k < n_spilled; p++) {
-            const size_t i = (size_t)il * (size_t)n_pages + (size_t)p;
-            if (ka[i]) continue;
-            cp[k].tb = (uint32_t)p;
-            cp[k].layer = (uint32_t)il;
-            cp[k].dst = buf + k * bpb;
-            ka[i] = (uint64_t)(uintptr_t)dbuf + k * bpb;
-            va[i] = ka[i] + gpu.half_bytes;
-            k++;
-        }
-    if (rc == 0) {
-        cm_err pe = {0};
-        pthread_mutex_lock(&gpu.pager_mu);
-        if (!gpu.pager) rc = kvstore_pager_init(decode_g.kv, &gpu.pager, &pe);
-        kvstore_batch b;
-        memset(&b, 0, sizeof(b));
-        b.lease = *lease;
-        b.copies = cp;
-        b.n_copies = (uint32_t)k;
-        if (rc == 0) rc = kvstore_pager_submit(gpu.pager, &b);
-        if (rc == 0) rc = kvstore_pager_wait(gpu.pager, &b, -1);
-        pthread_mutex_unlock(&gpu.pager_mu);
-        if (rc < 0)
-            cm_err_set(err, rc, "reading %zu spilled K/V blocks back: %s", k,
-                       pe.msg[0] ? pe.msg : kvstore_strerror(rc));
-    }
-    free(cp);
-    if (rc < 0) {
-        cudaFreeHost(buf);
-        return rc;
-    }
-    *staging = buf;
-    pthread_mutex_lock(&gpu.st_mu);
-    gpu.st.spill_blocks += k;
-    pthread_mutex_unlock(&gpu.st_mu);
-    return 0;
 }
 
 int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_err *err)
@@ -236,32 +162,33 @@ int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_
     uint64_t *ka = n_addr ? malloc(sizeof(uint64_t) * n_addr) : NULL;
     uint64_t *va = n_addr ? malloc(sizeof(uint64_t) * n_addr) : NULL;
     int rc = 0;
-    void *staging = NULL; /* pinned copies of spilled blocks (stage_spilled) */
+    void *staging = NULL; /* pinned copies of spilled blocks (kvstore_cuda_seq_addrs) */
     *slot = -1;
     if (n_addr && (!ka || !va)) {
         rc = cm_err_set(err, -ENOMEM, "out of memory for %zu block addresses", n_addr);
         goto out;
     }
     /* [layer][page] device addresses of the blocks, read in place while the lease is held;
-     * blocks in the spill tier are marked 0 and read back into pinned staging below */
-    size_t n_spilled = 0;
-    for (int il = 0; il < n_layer && rc == 0; il++)
-        for (int64_t p = 0; p < n_pages && rc == 0; p++) {
-            uint64_t a = 0;
-            cm_err be = {0};
-            rc = kvstore_cuda_block_addr(gpu.kc, lease, (uint32_t)p, (uint32_t)il, &a, &be);
-            if (rc == -KVSTORE_ESTATE) {
-                n_spilled++;
-                rc = 0;
-                a = 0;
-            } else if (rc < 0) {
-                cm_err_set(err, rc, "%s", be.msg);
-            }
-            ka[(size_t)il * n_pages + p] = a;
-            va[(size_t)il * n_pages + p] = a ? a + gpu.half_bytes : 0;
-        }
-    if (rc == 0 && n_spilled)
-        rc = stage_spilled(lease, ka, va, n_layer, n_pages, n_spilled, &staging, err);
+     * blocks in the spill tier (HIP.md §7, DESIGN.md) are read back with io_uring into one
+     * pinned, GPU-mapped buffer of the slot, and the GPU reads them like RAM-tier blocks (over
+     * the bus, or copied into its page caches) */
+    uint32_t n_staged = 0;
+    cudaSetDevice(gpu.dev);
+    rc = kvstore_cuda_seq_addrs(gpu.kc, lease, (uint32_t)n_pages, ka,
+                                (uint64_t)decode_g.cfg.gpu_spill_max_bytes, &staging, &n_staged,
+                                err);
+    if (rc == -ENOSPC) {
+        char why[sizeof(err->msg)];
+        snprintf(why, sizeof(why), "%s", err->msg);
+        cm_err_set(err, rc, "%s (--gpu-spill-max-bytes; or keep the segment's RAM pool large "
+                   "enough)", why);
+    }
+    for (size_t i = 0; rc == 0 && i < n_addr; i++) va[i] = ka[i] + gpu.half_bytes;
+    if (rc == 0 && n_staged) {
+        pthread_mutex_lock(&gpu.st_mu);
+        gpu.st.spill_blocks += n_staged;
+        pthread_mutex_unlock(&gpu.st_mu);
+    }
     if (rc < 0) goto out;
     pthread_mutex_lock(&gpu.mu);
     int s = -1;
@@ -287,7 +214,7 @@ int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_
         pthread_mutex_unlock(&gpu.st_mu);
     }
 out:
-    if (staging) cudaFreeHost(staging);
+    kvstore_cuda_staging_free(staging);
     free(ka);
     free(va);
     return rc;
@@ -327,7 +254,7 @@ void decode_gpu_release(int slot)
     cuda_ctx_reset(gpu.ctx, slot);
     gpu.slot_used[slot] = false;
     if (gpu.spill_buf[slot]) { /* nothing reads it any more (reset synchronizes) */
-        cudaFreeHost(gpu.spill_buf[slot]);
+        kvstore_cuda_staging_free(gpu.spill_buf[slot]);
         gpu.spill_buf[slot] = NULL;
     }
     stats_snapshot_locked(); /* so that GetStats counts every finished sequence's steps */

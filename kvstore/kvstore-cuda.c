@@ -137,6 +137,92 @@ int kvstore_cuda_block_addr(kvstore_cuda *c, const kvstore_lease *lease, uint32_
     return 0;
 }
 
+int kvstore_cuda_seq_addrs(kvstore_cuda *c, const kvstore_lease *lease, uint32_t n_tb,
+                           uint64_t *addr, uint64_t max_stage_bytes, void **staging,
+                           uint32_t *n_staged, cm_err *err)
+{
+    *staging = NULL;
+    *n_staged = 0;
+    kvstore *kv = c->kv;
+    const uint32_t n_layer = kv->L.geom.n_layers;
+    const uint64_t bpb = kv->L.geom.bytes_per_block, n = (uint64_t)n_layer * n_tb;
+    uint64_t n_spilled = 0;
+    for (uint32_t l = 0; l < n_layer; l++)
+        for (uint32_t tb = 0; tb < n_tb; tb++) {
+            uint64_t a = 0;
+            cm_err be = {0};
+            int rc = kvstore_cuda_block_addr(c, lease, tb, l, &a, &be);
+            if (rc == -KVSTORE_ESTATE) {
+                n_spilled++;
+                a = 0;
+            } else if (rc < 0) {
+                return cm_err_set(err, rc, "%s", be.msg);
+            }
+            addr[(uint64_t)l * n_tb + tb] = a;
+        }
+    if (!n_spilled) return 0;
+    const uint64_t bytes = n_spilled * bpb;
+    if (bytes > max_stage_bytes)
+        return cm_err_set(err, -ENOSPC,
+                          "%llu of the sequence's K/V blocks are in the spill tier (%.1f MiB); "
+                          "staging allows %.1f MiB",
+                          (unsigned long long)n_spilled, (double)bytes / 1048576.0,
+                          (double)max_stage_bytes / 1048576.0);
+    uint8_t *buf = NULL;
+    cudaError_t e = cudaHostAlloc((void **)&buf, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        return cm_err_set(err, -ENOSPC, "pinned staging of %.1f MiB for spilled blocks: %s",
+                          (double)bytes / 1048576.0, cudaGetErrorString(e));
+    }
+    void *dbuf = NULL;
+    e = cudaHostGetDevicePointer(&dbuf, buf, 0);
+    kvstore_copy *cp = calloc(n_spilled, sizeof(*cp));
+    int rc = e == cudaSuccess && cp ? 0
+                                    : cm_err_set(err, -ENOMEM, "staging spilled blocks: %s",
+                                                 cudaGetErrorString(e));
+    uint64_t k = 0;
+    for (uint64_t i = 0; i < n && rc == 0; i++) {
+        if (addr[i]) continue;
+        cp[k].tb = (uint32_t)(i % n_tb);
+        cp[k].layer = (uint32_t)(i / n_tb);
+        cp[k].dst = buf + k * bpb;
+        addr[i] = (uint64_t)(uintptr_t)dbuf + k * bpb;
+        k++;
+    }
+    kvstore_pager *pg = NULL;
+    cm_err pe = {0};
+    if (rc == 0 && (rc = kvstore_pager_init(kv, &pg, &pe)) < 0)
+        cm_err_set(err, rc, "spill staging: %s", pe.msg);
+    /* in batches of at most 2^20 copies (kvstore_batch counts in 32 bits) */
+    for (uint64_t i = 0; i < k && rc == 0; i += 1u << 20) {
+        kvstore_batch b;
+        memset(&b, 0, sizeof(b));
+        b.lease = *lease;
+        b.copies = cp + i;
+        b.n_copies = (uint32_t)(k - i < (1u << 20) ? k - i : (1u << 20));
+        rc = kvstore_pager_submit(pg, &b);
+        if (rc == 0) rc = kvstore_pager_wait(pg, &b, -1);
+        if (rc < 0)
+            cm_err_set(err, rc, "reading %llu spilled K/V blocks back: %s",
+                       (unsigned long long)k, kvstore_strerror(rc));
+    }
+    kvstore_pager_free(pg);
+    free(cp);
+    if (rc < 0) {
+        cudaFreeHost(buf);
+        return rc;
+    }
+    *staging = buf;
+    *n_staged = (uint32_t)k;
+    return 0;
+}
+
+void kvstore_cuda_staging_free(void *staging)
+{
+    if (staging) cudaFreeHost(staging);
+}
+
 void kvstore_cuda_free(kvstore_cuda *c)
 {
     if (!c) return;

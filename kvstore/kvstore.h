@@ -350,6 +350,18 @@ CM_API int kvstore_cuda_wait(kvstore_cuda *c, cm_err *err);
 CM_API int kvstore_cuda_block_addr(kvstore_cuda *c, const kvstore_lease *lease, uint32_t tb,
                                    uint32_t layer, uint64_t *dev_addr, cm_err *err);
 
+/* The device addresses of every block of the first n_tb token blocks of a leased sequence, for
+ * kernels that read host memory over the bus: addr[layer * n_tb + tb]. RAM-tier blocks are read
+ * in place (kvstore_cuda_block_addr); blocks in the spill tier are read back (a pager: io_uring,
+ * validated against concurrent moves) into one pinned, GPU-mapped buffer allocated here, at most
+ * max_stage_bytes (else -ENOSPC), and their addresses point into it. *staging: that buffer
+ * (NULL when nothing was spilled; keep it while the addresses are used, then
+ * kvstore_cuda_staging_free); *n_staged: blocks read back. Synchronous. */
+CM_API int kvstore_cuda_seq_addrs(kvstore_cuda *c, const kvstore_lease *lease, uint32_t n_tb,
+                                  uint64_t *addr, uint64_t max_stage_bytes, void **staging,
+                                  uint32_t *n_staged, cm_err *err);
+CM_API void kvstore_cuda_staging_free(void *staging);
+
 #ifdef __cplusplus
 }
 #endif

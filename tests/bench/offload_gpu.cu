@@ -31,12 +31,16 @@
  *               [--prof-steps 16] [--page 64] [--sa-cache 32768] [--mask-cache 65536]
  *               [--store-dir /dev/shm] [--store-max-gib G] [--alias-gib 24]
  *               [--prefill-list 131072] [--prefill-chunk 32768] [--prefill-ring N|all]
- *               [--preset fast] [--dev 0]
+ *               [--spill-gib 0] [--spill-dir /tmp] [--preset fast] [--dev 0]
  * --prefill-ring: GPU ring of the prefill context in tokens (0 = the default, two chunks: the
  * prefix older than that is read from the store over the bus; all = the whole prompt stays on
  * the GPU too, while every page is still written to the store after its chunk).
  * --prefill-stage: per-layer prefix staging buffers in tokens (0 = none; all = the prompt):
  * the prefix older than the ring is copied back per layer, overlapped with the previous layer.
+ * --spill-gib G (store mode): G GiB of the sequence's blocks are pushed into the segment's spill
+ * file in --spill-dir (local disk) before the hand-off, which reads them back with the kvstore
+ * pager into pinned staging (kvstore_cuda_seq_addrs, as the decode worker does) and reports the
+ * time; the decode then reads those blocks from the staging.
  * --prefill-resident 1: the same prefill with a non-paged context (whole KV on the GPU, no
  * store): the baseline.
  * Sizes take a K or M suffix. Exit 0, 1 on an error, 77 without a GPU.
@@ -64,8 +68,8 @@ struct opts {
     int steps, warmup, prof_steps, page;
     int64_t sa_cache, mask_cache, prefill_chunk, prefill_ring, prefill_stage;
     bool prefill_resident;
-    const char *store_dir;
-    double store_max_gib, alias_gib;
+    const char *store_dir, *spill_dir;
+    double store_max_gib, alias_gib, spill_gib;
     int dev;
 };
 
@@ -75,6 +79,7 @@ struct row {
     bool ok;
     char why[512];
     double fill_s, register_s, handoff_ms, first_ms, ms_mean, kind_ms[4];
+    double spill_gib, stage_s; /* --spill-gib: blocks in the spill tier, time to read them back */
     int kind_n[4];
     double frac_mask, frac_cache, frac_attn;
     cuda_offload_stats st;
@@ -126,20 +131,23 @@ struct host_kv {
     kvstore_cuda *kc;
     kvstore_lease lease;
     char name[64];
-    const char *dir;
+    const char *dir, *spill_dir;
     void *alias;
+    void *staging; /* spilled blocks read back (kvstore_cuda_seq_addrs) */
     uint64_t *ka, *va; /* [n_layer][n_pages] */
 };
 
 static void host_kv_free(struct host_kv *h)
 {
     cm_err err = {};
+    kvstore_cuda_staging_free(h->staging);
     if (h->kc) kvstore_cuda_free(h->kc);
     if (h->kv) {
         if (h->lease.seq.gen) kvstore_lease_release(h->kv, &h->lease, &err);
         kvstore_close(h->kv);
         kvstore_params p = kvstore_default_params();
         p.dir = h->dir;
+        p.spill_dir = h->spill_dir;
         kvstore_destroy(h->name, &p, &err);
     }
     if (h->alias) cudaFreeHost(h->alias);
@@ -149,7 +157,7 @@ static void host_kv_free(struct host_kv *h)
 }
 
 static int make_segment(struct host_kv *h, const mdl_hparams *hp, const struct opts *o,
-                        uint32_t n_blocks, uint32_t max_per_seq, cm_err *err)
+                        uint32_t n_blocks, uint32_t n_spill, uint32_t max_per_seq, cm_err *err)
 {
     kvstore_geometry g;
     memset(&g, 0, sizeof(g));
@@ -162,6 +170,12 @@ static int make_segment(struct host_kv *h, const mdl_hparams *hp, const struct o
     kvstore_params p = kvstore_default_params();
     p.dir = o->store_dir;
     p.n_ram_blocks = n_blocks;
+    if (n_spill) {
+        p.spill_dir = o->spill_dir;
+        p.n_spill_blocks = n_spill;
+        p.spill_batch = 1024;
+        h->spill_dir = o->spill_dir;
+    }
     p.max_seqs = 4;
     p.max_blocks_per_seq = max_per_seq;
     snprintf(h->name, sizeof(h->name), "ihip-offload-bench-%d", (int)getpid());
@@ -173,21 +187,12 @@ static int make_segment(struct host_kv *h, const mdl_hparams *hp, const struct o
     return rc;
 }
 
-/* Create a segment holding ctx tokens of synthetic K/V, publish it, keep a lease. */
-static int store_fill(struct host_kv *h, cuda_ctx *c, const mdl_hparams *hp, const struct opts *o,
-                      int64_t ctx, struct row *r, cm_err *err)
+/* Allocate the blocks of pages [p0, p1) of seq and fill them with synthetic K/V. */
+static int store_write(struct host_kv *h, cuda_ctx *c, kvstore_seq_ref seq, int n_layer,
+                       int64_t n_pages, int64_t p0, int64_t p1, size_t half, cm_err *err)
 {
-    const int n_layer = (int)hp->n_layer;
-    const int64_t n_pages = (ctx + o->page - 1) / o->page;
-    const uint64_t nb = (uint64_t)n_pages * n_layer;
-    uint64_t t0 = cm_time_ns();
-    int rc = make_segment(h, hp, o, (uint32_t)nb, (uint32_t)nb, err);
-    r->register_s = (double)(cm_time_ns() - t0) / 1e9;
-    if (rc) return rc;
-    const size_t half = half_bytes(hp, o);
-    kvstore_seq_ref seq;
-    rc = kvstore_seq_create(h->kv, NULL, 0, &seq, err);
-    for (int64_t p = 0; p < n_pages && rc == 0; p++)
+    int rc = 0;
+    for (int64_t p = p0; p < p1 && rc == 0; p++)
         for (int l = 0; l < n_layer && rc == 0; l++) {
             void *data = NULL;
             rc = kvstore_block_alloc(h->kv, seq, (uint32_t)p, (uint32_t)l, &data, err);
@@ -197,24 +202,71 @@ static int store_fill(struct host_kv *h, cuda_ctx *c, const mdl_hparams *hp, con
             h->ka[(size_t)l * n_pages + p] = (uint64_t)(uintptr_t)dp;
             h->va[(size_t)l * n_pages + p] = (uint64_t)(uintptr_t)dp + half;
         }
-    t0 = cm_time_ns();
-    if (rc == 0) rc = cuda_ctx_fill_host_synthetic(c, h->ka, h->va, (int64_t)nb, 7, err);
-    r->fill_s = (double)(cm_time_ns() - t0) / 1e9;
-    kvstore_lease pub;
-    if (rc == 0) rc = kvstore_seq_publish(h->kv, seq, NULL, (uint32_t)ctx, &pub, err);
+    /* fill what was allocated: [p0, p1) of every layer */
+    for (int l = 0; l < n_layer && rc == 0; l++)
+        rc = cuda_ctx_fill_host_synthetic(c, h->ka + (size_t)l * n_pages + p0,
+                                          h->va + (size_t)l * n_pages + p0, p1 - p0,
+                                          7 + (uint64_t)l * 131 + (uint64_t)p0, err);
+    return rc;
+}
+
+/* Create a segment holding ctx tokens of synthetic K/V, publish it, keep a lease. With
+ * --spill-gib S: the RAM pool is S GiB smaller than the KV; the first pages are written and
+ * published as a sequence of their own, and the full sequence adopts them as its prefix, so
+ * writing the rest pushes the prefix's least recently used blocks into the spill file; the
+ * hand-off then reads those back into pinned staging (kvstore_cuda_seq_addrs, as the decode
+ * worker does). */
+static int store_fill(struct host_kv *h, cuda_ctx *c, const mdl_hparams *hp, const struct opts *o,
+                      int64_t ctx, struct row *r, cm_err *err)
+{
+    const int n_layer = (int)hp->n_layer;
+    const int64_t n_pages = (ctx + o->page - 1) / o->page;
+    const uint64_t nb = (uint64_t)n_pages * n_layer;
+    const size_t half = half_bytes(hp, o);
+    uint64_t n_spill = (uint64_t)(o->spill_gib * GiB / (2.0 * half));
+    if (n_spill >= nb / 2) n_spill = nb / 2;
+    /* prefix pages: enough blocks to spill n_spill of them, whole pages */
+    const int64_t pre_pages = n_spill ? CM_MIN(n_pages - 1, (int64_t)((n_spill + 1024) / n_layer + 2)) : 0;
+    uint64_t t0 = cm_time_ns();
+    int rc = make_segment(h, hp, o, (uint32_t)(nb - n_spill), (uint32_t)(n_spill ? n_spill + 2048 : 0),
+                          (uint32_t)nb, err);
+    r->register_s = (double)(cm_time_ns() - t0) / 1e9;
     if (rc) return rc;
+    kvstore_seq_ref seq;
+    kvstore_lease pub = {}, pre = {};
+    t0 = cm_time_ns();
+    if (pre_pages > 0) {
+        kvstore_seq_ref ps;
+        rc = kvstore_seq_create(h->kv, NULL, 0, &ps, err);
+        if (rc == 0) rc = store_write(h, c, ps, n_layer, n_pages, 0, pre_pages, half, err);
+        if (rc == 0) rc = kvstore_seq_publish(h->kv, ps, NULL, (uint32_t)(pre_pages * o->page), &pre, err);
+        if (rc == 0) rc = kvstore_seq_create(h->kv, &pre, (uint32_t)pre_pages, &seq, err);
+    } else {
+        rc = kvstore_seq_create(h->kv, NULL, 0, &seq, err);
+    }
+    if (rc == 0) rc = store_write(h, c, seq, n_layer, n_pages, pre_pages, n_pages, half, err);
+    r->fill_s = (double)(cm_time_ns() - t0) / 1e9;
+    if (rc == 0) rc = kvstore_seq_publish(h->kv, seq, NULL, (uint32_t)ctx, &pub, err);
+    if (pre.seq.gen) kvstore_lease_release(h->kv, &pre, NULL);
+    if (rc) return rc;
+    if (n_spill) {
+        kvstore_stats ks;
+        memset(&ks, 0, sizeof(ks));
+        kvstore_get_stats(h->kv, &ks, err);
+        r->spill_gib = (double)ks.blocks_spilled * 2.0 * (double)half / GiB;
+    }
     /* the hand-off as a decode worker does it: lease the READY sequence, resolve each block's
-     * device address, bind (page tables uploaded, partial page copied) */
+     * device address (reading spilled blocks back), bind (page tables uploaded, partial page
+     * copied) */
     t0 = cm_time_ns();
     rc = kvstore_lease_acquire(h->kv, pub.seq, &h->lease, err);
     kvstore_lease_release(h->kv, &pub, NULL);
-    for (int64_t p = 0; p < n_pages && rc == 0; p++)
-        for (int l = 0; l < n_layer && rc == 0; l++) {
-            uint64_t a = 0;
-            rc = kvstore_cuda_block_addr(h->kc, &h->lease, (uint32_t)p, (uint32_t)l, &a, err);
-            h->ka[(size_t)l * n_pages + p] = a;
-            h->va[(size_t)l * n_pages + p] = a + half;
-        }
+    uint32_t staged = 0;
+    if (rc == 0)
+        rc = kvstore_cuda_seq_addrs(h->kc, &h->lease, (uint32_t)n_pages, h->ka, UINT64_MAX,
+                                    &h->staging, &staged, err);
+    r->stage_s = staged ? (double)(cm_time_ns() - t0) / 1e9 : 0;
+    for (uint64_t i = 0; rc == 0 && i < nb; i++) h->va[i] = h->ka[i] + half;
     if (rc == 0) rc = cuda_ctx_bind_host(c, 0, ctx, h->ka, h->va, err);
     r->handoff_ms = (double)(cm_time_ns() - t0) / 1e6;
     return rc;
@@ -306,6 +358,11 @@ static void decode_row(const cuda_model *m, const hip_config *hc, const struct o
         r->gpu_kv = cuda_ctx_kv_bytes(c);
         rc = store ? store_fill(&h, c, hp, o, ctx, r, &err) : alias_fill(&h, c, hp, o, ctx, r, &err);
     }
+    if (rc == 0 && r->spill_gib > 0)
+        printf("  spill tier: %.2f GiB of the KV in the spill file (%s, %s I/O), read back into "
+               "pinned staging at the hand-off in %.2f s = %.2f GB/s\n",
+               r->spill_gib, o->spill_dir, kvstore_io_name(h.kv), r->stage_s,
+               r->stage_s > 0 ? r->spill_gib * GiB / 1e9 / r->stage_s : 0.0);
     if (rc == 0)
         printf("  host KV: pin/register %.2f s, synthetic fill %.2f s, hand-off (lease + "
                "addresses + bind) %.1f ms; GPU KV (ring + caches) %.2f GiB = %.2f %% of the "
@@ -473,7 +530,7 @@ static void prefill_row(const cuda_model *m, const hip_config *hc, const struct 
         return;
     }
     if (rc == 0)
-        rc = make_segment(&h, hp, o, (uint32_t)(n_pages * n_layer), (uint32_t)(n_pages * n_layer),
+        rc = make_segment(&h, hp, o, (uint32_t)(n_pages * n_layer), 0, (uint32_t)(n_pages * n_layer),
                           &err);
     struct sink_user su;
     su.h = &h;
@@ -513,7 +570,7 @@ static void usage(void)
             "[--warmup 9] [--prof-steps 16] [--page 64] [--sa-cache N] [--mask-cache N] "
             "[--store-dir DIR] [--store-max-gib G] [--alias-gib G] [--prefill-list N,...] "
             "[--prefill-chunk N] [--prefill-ring N|all] [--prefill-stage N|all] "
-            "[--prefill-resident 0|1] "
+            "[--prefill-resident 0|1] [--spill-gib G] [--spill-dir DIR] "
             "[--preset fast|3k|flash] [--dev N]\n");
 }
 
@@ -534,6 +591,7 @@ int main(int argc, char **argv)
     o.prefill_ring = 0;
     o.prefill_stage = -1;
     o.store_dir = "/dev/shm";
+    o.spill_dir = "/tmp";
     o.store_max_gib = 0.75 * mem_available_gib();
     o.alias_gib = 24;
     const char *preset = "fast";
@@ -579,6 +637,10 @@ int main(int argc, char **argv)
             o.store_max_gib = atof(v);
         } else if (!strcmp(a, "--alias-gib")) {
             o.alias_gib = atof(v);
+        } else if (!strcmp(a, "--spill-gib")) {
+            o.spill_gib = atof(v);
+        } else if (!strcmp(a, "--spill-dir")) {
+            o.spill_dir = v;
         } else if (!strcmp(a, "--preset")) {
             preset = v;
         } else if (!strcmp(a, "--dev")) {

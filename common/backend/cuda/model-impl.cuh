@@ -76,6 +76,15 @@ struct cuda_paged {
     unsigned long long *fix_dev;  /* [cap][2] (table index, value) scatter list */
     unsigned long long *fix_host; /* pinned mirror */
     int64_t fix_cap;
+    /* the page sink's copies (and its table updates) run on sk_stream after the chunk that
+     * computed the pages (sk_chunk), overlapping the next chunk; at most one sink is in flight
+     * (sk_done: pages [sk_lo, ...) of sequence sk_seq); a ring slot of those pages is reused
+     * only after it (paged_prepare) */
+    cudaStream_t sk_stream;
+    cudaEvent_t sk_chunk, sk_done;
+    int sk_seq;
+    int64_t sk_lo;
+    bool sk_pending;
     /* prefill prefix staging (stage_pages > 0): two buffers of stage_pages pages; layer l's
      * prefix pages [st_p0, st_p1) are copied into buffer l % 2 on st_stream while layer l - 1
      * computes */
@@ -169,6 +178,8 @@ static __device__ __forceinline__ float fill_value(uint64_t key, int64_t i)
 int paged_init(cuda_ctx *c, const cuda_ctx_params *p, cm_err *err);
 void paged_free(cuda_ctx *c);
 void paged_reset(cuda_ctx *c, int seq);
+/* Wait for the page sink in flight (model-paged.cu), if any. */
+int sink_wait(cuda_ctx *c);
 /* The view attention (sa = true) or mask estimation reads for (seq, layer). */
 cuda_kv_view paged_view(const cuda_ctx *c, int il, int seq, int64_t n_kv, bool sa);
 /* Row destinations: check that tokens [pos0, pos0 + n) of seq fit the ring (-CM_ELIMIT). */

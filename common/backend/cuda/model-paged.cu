@@ -397,6 +397,9 @@ int paged_init(cuda_ctx *c, const cuda_ctx_params *p, cm_err *err)
     if (e == cudaSuccess)
         e = cudaMallocHost((void **)&pg->fix_host, sizeof(unsigned long long) * 2 * pg->fix_cap);
     for (int i = 0; i < 4 && e == cudaSuccess; i++) e = cudaEventCreate(&pg->ev[i]);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&pg->sk_stream, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&pg->sk_chunk, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&pg->sk_done, cudaEventDisableTiming);
     if (e != cudaSuccess) {
         cudaGetLastError();
         return cm_err_set(err, -ENOMEM,
@@ -450,6 +453,7 @@ void paged_free(cuda_ctx *c)
 {
     cuda_paged *pg = c->pg;
     if (!pg) return;
+    if (pg->sk_stream) cudaStreamSynchronize(pg->sk_stream);
     cache_free(&pg->sa);
     cache_free(&pg->mk);
     cudaFree(pg->ring_dev);
@@ -465,6 +469,9 @@ void paged_free(cuda_ctx *c)
         if (pg->st_free[b]) cudaEventDestroy(pg->st_free[b]);
     }
     if (pg->st_stream) cudaStreamDestroy(pg->st_stream);
+    if (pg->sk_chunk) cudaEventDestroy(pg->sk_chunk);
+    if (pg->sk_done) cudaEventDestroy(pg->sk_done);
+    if (pg->sk_stream) cudaStreamDestroy(pg->sk_stream);
     free(pg->tail0);
     free(pg->ring_lo);
     free(pg);
@@ -497,6 +504,7 @@ static void cache_forget(cuda_ctx *c, struct cuda_cache *ca, int seq)
 void paged_reset(cuda_ctx *c, int seq)
 {
     cuda_paged *pg = c->pg;
+    sink_wait(c); /* its table updates must not land after the reset */
     pg->tail0[seq] = 0;
     pg->ring_lo[seq] = 0;
     cache_forget(c, &pg->sa, seq);
@@ -619,43 +627,66 @@ int paged_after_refresh(cuda_ctx *c, int il, int seq, int fs, const cuda_hip_mas
 
 /* ---- sink, flush, bind ----------------------------------------------------------------------- */
 
-static int fix_apply(cuda_ctx *c, int64_t n)
+/* Copy the first n entries of the pinned scatter list to the GPU and apply them to the page
+ * tables, on stream st. sync: wait until done (the list may be rewritten at once); else the
+ * caller waits (sink_wait) before the list is written again. */
+static int fix_apply(cuda_ctx *c, int64_t n, cudaStream_t st, bool sync)
 {
     cuda_paged *pg = c->pg;
     if (!n) return 0;
     cudaError_t e = cudaMemcpyAsync(pg->fix_dev, pg->fix_host, sizeof(unsigned long long) * 2 * n,
-                                    cudaMemcpyHostToDevice, c->stream);
+                                    cudaMemcpyHostToDevice, st);
     if (e == cudaSuccess) {
-        scatter_kernel<<<(unsigned)CM_MIN((n + 255) / 256, (int64_t)1024), 256, 0, c->stream>>>(
+        scatter_kernel<<<(unsigned)CM_MIN((n + 255) / 256, (int64_t)1024), 256, 0, st>>>(
             pg->tab, pg->fix_dev, n);
         e = cudaGetLastError();
     }
-    /* the pinned list is reused by the next call: wait until the copy has read it */
-    if (e == cudaSuccess) e = cudaStreamSynchronize(c->stream);
+    if (e == cudaSuccess && sync) e = cudaStreamSynchronize(st);
     return cuerr(e);
 }
 
-/* Move pages [tail0, p_end) of seq (every layer) to the sink. */
+/* Wait for the page sink in flight, if any (its copies, table updates and scatter list). */
+int sink_wait(cuda_ctx *c)
+{
+    cuda_paged *pg = c->pg;
+    if (!pg || !pg->sk_pending) return 0;
+    pg->sk_pending = false;
+    return cuerr(cudaStreamSynchronize(pg->sk_stream));
+}
+
+/* Move pages [tail0, p_end) of seq (every layer) to the sink. The copies and the page-table
+ * updates are enqueued on sk_stream behind the work enqueued so far (the chunk that computed the
+ * pages) and are not waited for: they overlap the next chunk. Until the table update runs, the
+ * kernels read the pages' ring copies, which hold the same bytes; paged_prepare makes the compute
+ * stream wait for the sink before a ring slot of these pages is reused. */
 static int sink_pages(cuda_ctx *c, int seq, int64_t p_end, cm_err *err)
 {
     cuda_paged *pg = c->pg;
     const int n_layer = (int)c->m->hp.n_layer;
+    int rc = sink_wait(c); /* the previous sink read the scatter list */
+    if (rc) return cm_err_set(err, rc, "page sink: %s", cudaGetErrorString(cudaGetLastError()));
+    cudaError_t e = cudaEventRecord(pg->sk_chunk, c->stream);
+    if (e == cudaSuccess) e = cudaStreamWaitEvent(pg->sk_stream, pg->sk_chunk, 0);
+    if (e != cudaSuccess)
+        return cm_err_set(err, CUDA_ERR(e), "page sink: %s", cudaGetErrorString(e));
+    pg->sk_pending = true;
+    pg->sk_seq = seq;
+    pg->sk_lo = pg->tail0[seq];
     int64_t nf = 0;
     for (int64_t p = pg->tail0[seq]; p < p_end; p++) {
         for (int il = 0; il < n_layer; il++) {
             uint64_t ka = 0, va = 0;
-            int rc = pg->sink(pg->sink_user, seq, il, p, &ka, &va, err);
+            rc = pg->sink(pg->sink_user, seq, il, p, &ka, &va, err);
             if (rc < 0) return rc;
             if (!ka || !va || (ka & 15) || (va & 15))
                 return cm_err_set(err, -EINVAL, "page sink gave a NULL or misaligned address");
             const unsigned long long r = ring_addr(c, seq, il, p);
-            cudaError_t e =
-                cudaMemcpyAsync((void *)(uintptr_t)ka, (const void *)(uintptr_t)r, pg->half_bytes,
-                                cudaMemcpyDeviceToHost, c->stream);
+            e = cudaMemcpyAsync((void *)(uintptr_t)ka, (const void *)(uintptr_t)r, pg->half_bytes,
+                                cudaMemcpyDeviceToHost, pg->sk_stream);
             if (e == cudaSuccess)
                 e = cudaMemcpyAsync((void *)(uintptr_t)va,
                                     (const void *)(uintptr_t)(r + pg->half_bytes), pg->half_bytes,
-                                    cudaMemcpyDeviceToHost, c->stream);
+                                    cudaMemcpyDeviceToHost, pg->sk_stream);
             if (e != cudaSuccess)
                 return cm_err_set(err, CUDA_ERR(e), "copy of a page to the sink: %s",
                                   cudaGetErrorString(e));
@@ -669,14 +700,15 @@ static int sink_pages(cuda_ctx *c, int seq, int64_t p_end, cm_err *err)
                 pg->fix_host[2 * nf + 1] = v[t];
                 nf++;
             }
-            if (nf + PT_N > pg->fix_cap) {
-                int rc2 = fix_apply(c, nf);
+            if (nf + PT_N > pg->fix_cap) { /* (a chunk larger than the ring: not in practice) */
+                int rc2 = fix_apply(c, nf, pg->sk_stream, true);
                 if (rc2) return cm_err_set(err, rc2, "page table update failed");
                 nf = 0;
             }
         }
     }
-    int rc = fix_apply(c, nf);
+    rc = fix_apply(c, nf, pg->sk_stream, false);
+    if (rc == 0) rc = cuerr(cudaEventRecord(pg->sk_done, pg->sk_stream));
     if (rc) return cm_err_set(err, rc, "page table update failed");
     if (p_end > pg->tail0[seq]) pg->tail0[seq] = p_end;
     return 0;
@@ -767,6 +799,11 @@ int paged_prepare(cuda_ctx *c, int seq, int64_t pos0, int64_t n)
     const int64_t lose_end =
         CM_MIN((pos0 + n - 1) / pg->pt - pg->ring + 1, pg->tail0[seq]);
     if (lose_end <= pg->ring_lo[seq]) return 0;
+    /* pages of the sink in flight: their host copies and table entries first */
+    if (pg->sk_pending && pg->sk_seq == seq && pg->sk_lo < lose_end) {
+        int rc = cuerr(cudaStreamWaitEvent(c->stream, pg->sk_done, 0));
+        if (rc) return rc;
+    }
     dim3 grid((unsigned)CM_MIN((lose_end - pg->ring_lo[seq] + 255) / 256, (int64_t)1024),
               (unsigned)n_layer);
     repoint_kernel<<<grid, 256, 0, c->stream>>>(pg->tab + tab_index(c, seq, 0, 0), pg->max_pages,
@@ -793,6 +830,8 @@ extern "C" int cuda_ctx_flush(cuda_ctx *c, int seq, cm_err *err)
         return cm_err_set(err, -ENODEV, "cannot use the GPU");
     int rc = paged_after_chunk(c, seq, true, err);
     if (rc) return rc;
+    rc = sink_wait(c);
+    if (rc) return cm_err_set(err, rc, "flush: %s", cudaGetErrorString(cudaGetLastError()));
     cudaError_t e = cudaStreamSynchronize(c->stream);
     return e == cudaSuccess ? 0 : cm_err_set(err, CUDA_ERR(e), "flush: %s", cudaGetErrorString(e));
 }
