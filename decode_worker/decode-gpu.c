@@ -239,7 +239,11 @@ static void stats_snapshot_locked(void)
     gpu.st.mk_overflow = os.mk_overflow;
     gpu.st.bytes_h2d = os.bytes_h2d;
     gpu.st.decode_steps = os.decode_steps;
-    for (int i = 0; i < 4; i++) gpu.st.refresh[i] = os.refresh[i];
+    for (int i = 0; i < 4; i++) {
+        gpu.st.refresh[i] = os.refresh[i];
+        gpu.st.steps[i] = os.steps[i];
+        gpu.st.step_ms[i] = os.step_ms[i];
+    }
     gpu.st.kv_bytes = os.gpu_kv_bytes;
     pthread_mutex_unlock(&gpu.st_mu);
 }

@@ -177,6 +177,8 @@ typedef struct decode_gpu_stats {
     uint64_t spill_blocks;   /* spilled prompt blocks read back (io_uring) into pinned staging */
     uint64_t refresh[4];     /* decode layer-steps by HiP mask work: full refresh, from the
                                 stage-1 cache, from the stage-2 cache, mask reused */
+    uint64_t steps[4];       /* decode steps by their deepest mask work (same kinds) */
+    double step_ms[4];       /* their summed time */
 } decode_gpu_stats;
 /* Upload the model, register the segment, make the context (needs model, store, attention). */
 int decode_gpu_init(cm_err *err);

@@ -306,7 +306,8 @@ int prefill_cuda_init(prefill_worker *w, cm_err *err)
     gp->cp.mask_cache_tokens = -1;
     /* prefix staging: each layer's prefix older than the ring is copied back to the GPU while
      * the previous layer computes (2 buffers of one layer's KV of the longest prompt) */
-    gp->cp.stage_tokens = w->cfg.max_prompt_tokens;
+    gp->cp.stage_tokens = w->cfg.gpu_stage_tokens > 0 ? w->cfg.gpu_stage_tokens
+                                                      : w->cfg.max_prompt_tokens;
     for (int i = 0; i < (int)w->cfg.max_concurrent; i++) {
         prefill_slot *s = &w->slots[i];
         struct prefill_cuda_slot *sg = calloc(1, sizeof(*sg));

@@ -46,6 +46,7 @@ typedef struct prefill_config {
     uint32_t kv_create_dtype; /* enum kvstore_dtype of a segment made by --kv-create */
     const char *device;       /* "cpu" or "cuda" */
     long gpu;                 /* CUDA device index (--device cuda) */
+    long gpu_stage_tokens;    /* --device cuda: prefix staging per layer (0 = max prompt) */
     bool verbose;
 } prefill_config;
 

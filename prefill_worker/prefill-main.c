@@ -79,6 +79,10 @@ static const cfg_entry k_cfg[] = {
     {"device", CFG_STR, &W->device, "cpu", 0, 0,
      "where prefill runs: cpu, or cuda (GPU --gpu; needs a CUDA build and a bf16/fp8 segment)"},
     {"gpu", CFG_LONG, &W->gpu, "0", 0, 1023, "CUDA device index for --device cuda"},
+    {"gpu-stage-tokens", CFG_LONG, &W->gpu_stage_tokens, "0", 0, 1L << 30,
+     "--device cuda: GPU buffers (two, of one layer each) into which the prefix older than "
+     "the ring is copied back before each layer; older tokens are read over the bus (0 = the "
+     "longest prompt: all of it; bounds the prefill's GPU memory)"},
     {"verbose", CFG_BOOL, &W->verbose, "0", 0, 1, "debug logging"},
 };
 #undef W

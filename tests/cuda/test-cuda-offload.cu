@@ -17,10 +17,11 @@
  *      Cache counters must show what each case is about (overflow in (a), hits in (b)).
  *   2. argument errors: bind on a non-paged context, misaligned address, bad page size, a ring
  *      overflow without a sink.
- *   3. real SmolLM2 (IHIP_MODEL): a long prompt (2600 tokens; scaled-down HiP, so pruning is real)
+ *   3. real SmolLM2 (IHIP_MODEL): a long natural-text prompt (~2200 tokens of ship records with a
+ *      password in the middle and a question at the end; scaled-down HiP, so pruning is real)
  *      on the CPU engine with the HiP provider, 16 greedy tokens, vs the GPU: paged prefill into
  *      host pages, bound to a decode context with one-page caches, teacher-forced on the CPU's
- *      tokens: the GPU's argmax equals the CPU's token wherever the CPU's top-2 gap is ≥ 0.25.
+ *      tokens: the GPU's argmax equals the CPU's token or is a near tie (within 0.5 logit).
  *   4. the kvstore's spill tier: a paged prefill writes a prompt into a kvstore segment (page
  *      sink → kvstore blocks, as the prefill worker does); a decode context bound to its blocks
  *      (kvstore_cuda_seq_addrs) gives reference logits; then another sequence's allocations push
@@ -34,6 +35,7 @@
 #include "hip/hip.h"
 #include "kvstore.h"
 #include "model/model.h"
+#include "tokenizer/tokenizer.h"
 
 #include <cuda_runtime.h>
 #include <errno.h>
@@ -352,11 +354,55 @@ static void test_real(const char *path)
         return;
     }
     small_hip(hc, false);
-    const int64_t V = cm->hp.n_vocab, n = 2600, chunk = 260; /* 10 full chunks: see below */
+    const int64_t V = cm->hp.n_vocab, chunk = 256;
     const int N_GEN = 16, pt = 64;
-    int32_t *ids = (int32_t *)malloc(sizeof(int32_t) * n);
-    for (int64_t i = 0; i < n; i++) /* a random "document" of 400 tokens, repeated */
-        ids[i] = i < 400 ? (int32_t)(1000 + rng() % 20000) : ids[i - 400];
+    /* a natural-text document of ~2600 tokens: ship records with one fact to retrieve from the
+     * middle, and a question at the end */
+    static const char *const ships[8] = {"Aurora", "Beacon", "Corsair", "Dauntless",
+                                         "Endeavour", "Falcon", "Gallant", "Horizon"};
+    static const char *const ports[6] = {"Lisbon", "Bergen", "Genoa", "Valletta", "Antwerp",
+                                         "Cadiz"};
+    static const char *const goods[6] = {"salted cod", "olive oil", "wool", "timber", "copper",
+                                         "wine"};
+    const size_t cap = 64 * 1024;
+    char *text = (char *)malloc(cap);
+    size_t len = 0;
+    for (int i = 1; i <= 72 && text; i++) {
+        len += (size_t)snprintf(text + len, cap - len,
+                                "Record %d. The ship %s arrived in the harbour from %s with a "
+                                "cargo of %s; the harbour master noted calm weather.\n",
+                                i, ships[rng() % 8], ports[rng() % 6], goods[rng() % 6]);
+        if (i == 36)
+            len += (size_t)snprintf(text + len, cap - len,
+                                    "Note. The harbour master's secret password is "
+                                    "SILVER-HERON-17.\n");
+    }
+    if (text)
+        len += (size_t)snprintf(text + len, cap - len,
+                                "Question: what is the harbour master's secret password? Answer:");
+    tok_vocab *voc = tok_vocab_init(mdl_model_gguf(cm), &err);
+    int32_t *ids = (int32_t *)malloc(sizeof(int32_t) * 8192);
+    int64_t n = text && voc && ids ? tok_encode(voc, text, len, tok_add_bos(voc), false, ids, 8192, &err) : -1;
+    CHECK(n > 2 * chunk, "part 3: tokenize the document: %lld (%s)", (long long)n, err.msg);
+    free(text);
+    tok_vocab_free(voc);
+    if (n <= 2 * chunk) {
+        free(ids);
+        free(hc);
+        cuda_model_free(gm);
+        mdl_model_free(cm);
+        return;
+    }
+    /* The last chunk must hold >= 2 query blocks so that its last block gets the near-dense
+     * window (HIP.md §6, both engines): drop the records' first tokens after BOS if it would
+     * not. (With a last chunk of 40 tokens, no near-dense block, k = 128 and a random-token
+     * prompt, even two CPU runs with different chunk sizes ranked each other's argmax #3762
+     * and #25 — the "#1728" seen on the GPU on 2026-11-28.) */
+    const int64_t last = n % chunk;
+    if (last && last < 128) {
+        memmove(ids + 1, ids + 1 + last, sizeof(int32_t) * (size_t)(n - 1 - last));
+        n -= last;
+    }
     float *lc = (float *)malloc(sizeof(float) * V * (N_GEN + 1));
     float *lg = (float *)malloc(sizeof(float) * V);
     int32_t ctoks[32];
@@ -411,29 +457,28 @@ static void test_real(const char *path)
             pre_rank = 0;
             for (int64_t i = 0; i < V; i++) pre_rank += ref[i] > ref[ga];
         } else if (ga != ctoks[s]) {
-            if (gap < 0.25f) ties++;
+            /* a near tie: the GPU's token is within 0.5 of the CPU's best logit */
+            if (ref[ctoks[s]] - ref[ga] <= 0.5f) ties++;
             else hard++;
         }
         printf("part 3: step %2d cpu %6d gpu %6lld gap %.3f%s\n", s, ctoks[s], (long long)ga, gap,
-               ga == ctoks[s] ? "" : gap < 0.25f ? " (tie)" : " (DIFFERS)");
+               ga == ctoks[s] ? "" : ref[ctoks[s]] - ref[ga] <= 0.5f ? " (near tie)" : " (DIFFERS)");
     }
-    /* Decode steps 1.. run on the offloaded KV: their tokens must be the CPU's (ties apart).
-     * Step 0 is the prefill's last-token logits, HiP prefill on the CPU (8-bit activations in
-     * the dot products) vs the GPU (bf16): the GPU's token must be among the CPU's top 3.
-     * The chunk (260) divides the prompt, so the last chunk has >= 2 query blocks and its last
-     * block gets the near-dense window (HIP.md §6, both engines). With chunk 256 the last chunk
-     * had 40 tokens, no near-dense block, and the last token read k = 128 blocks of a random
-     * prompt: then even two CPU runs disagree wildly — measured on the CPU on such a prompt,
-     * chunk 256 vs one chunk of 2600 ranked each other's argmax #3762 and #25, while chunk 260
-     * vs 2600 vs dense stayed within #7 — which is what the GPU's "#1728" of 2026-11-28 was. */
+    /* Decode steps 1.. run on the offloaded KV, teacher-forced on the CPU's tokens. The CPU
+     * (8-bit activations in the dot products) and the GPU (bf16) pick slightly different key
+     * blocks where scores are close, so where the CPU's top-2 gap is small the argmax may
+     * differ: every GPU token must be the CPU's or within 0.5 of the CPU's best logit (resident
+     * GPU vs CPU differ by up to 1.2 in single logits, test-cuda-model), and at most a third of
+     * the steps may be such near ties. Step 0 is the prefill's last-token logits: the GPU's
+     * token must be among the CPU's top 3. (The offload itself changes no bit: parts 1 and 4.) */
     CHECK(dc && rc == 0, "gpu offload decode: %s", err.msg);
-    CHECK(hard == 0, "%d decode tokens differ where the CPU's top-2 gap is >= 0.25", hard);
-    CHECK(ties <= 2, "%d ties (at most 2)", ties);
+    CHECK(hard == 0, "%d decode tokens differ from the CPU's by more than a near tie", hard);
+    CHECK(ties * 3 <= N_GEN - 1, "%d near ties of %d steps", ties, N_GEN - 1);
     CHECK(pre_rank >= 0 && pre_rank < 3, "prefill last token: the GPU's argmax is the CPU's #%d",
           pre_rank + 1);
-    printf("part 3: real SmolLM2, %lld-token prompt, HiP (sink 32, window 128, k 128), KV in "
+    printf("part 3: real SmolLM2, %lld-token document, HiP (sink 32, window 128, k 128), KV in "
            "host pages with one-page GPU caches: decode steps %d/%d greedy tokens equal the "
-           "CPU's (%d ties); prefill last token: GPU argmax = CPU's #%d\n",
+           "CPU's (%d near ties); prefill last token: GPU argmax = CPU's #%d\n",
            (long long)n, N_GEN - 1 - ties - hard, N_GEN - 1, ties, pre_rank + 1);
     cuda_ctx_free(dc);
     hp_free(&h);

@@ -236,6 +236,9 @@ typedef struct cuda_offload_stats {
     uint64_t bytes_h2d_stage;      /* prefill prefix staging copies */
     uint64_t decode_steps;         /* cuda_decode_batch calls */
     uint64_t refresh[4];           /* decode layer-steps by first stage run: 0, 1, 2, none */
+    uint64_t steps[4];             /* decode steps (calls) by their deepest mask work: a full
+                                    * refresh in some layer, else from stage 1, 2, else reuse */
+    double step_ms[4];             /* their host time (the call returns with the logits) */
     double ms_mask, ms_cache, ms_attn; /* summed over decode layer-steps (profile only) */
     size_t gpu_kv_bytes;           /* ring + caches, all layers */
 } cuda_offload_stats;

@@ -717,8 +717,32 @@ extern "C" int cuda_prefill(cuda_ctx *c, int seq, const int32_t *tokens, int64_t
     return 0;
 }
 
+static int decode_batch(cuda_ctx *c, int B, const int *seqs, const int32_t *tokens,
+                        float *logits, cm_err *err);
+
+/* A decode step; on a paged context its host time is added to the kind of the deepest HiP mask
+ * work it did (full refresh, from stage 1, from stage 2, reuse), for cuda_ctx_offload_stats. */
 extern "C" int cuda_decode_batch(cuda_ctx *c, int B, const int *seqs, const int32_t *tokens,
                                  float *logits, cm_err *err)
+{
+    if (!c || !c->pg) return decode_batch(c, B, seqs, tokens, logits, err);
+    cuda_offload_stats *st = &c->pg->st;
+    uint64_t before[4];
+    memcpy(before, st->refresh, sizeof(before));
+    const uint64_t t0 = cm_time_ns();
+    int rc = decode_batch(c, B, seqs, tokens, logits, err);
+    if (rc == 0)
+        for (int k = 0; k < 4; k++)
+            if (st->refresh[k] > before[k]) {
+                st->step_ms[k] += (double)(cm_time_ns() - t0) / 1e6;
+                st->steps[k]++;
+                break;
+            }
+    return rc;
+}
+
+static int decode_batch(cuda_ctx *c, int B, const int *seqs, const int32_t *tokens,
+                        float *logits, cm_err *err)
 {
     if (!c) return cm_err_set(err, -EINVAL, "no context");
     if (B < 1 || B > c->n_seq || !seqs || !tokens)
