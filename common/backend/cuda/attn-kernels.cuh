@@ -203,7 +203,9 @@ static __host__ __device__ __forceinline__ int ak_bsa_key(const attn_params &P, 
     }
     n -= k.n_sink_eff;
     if (n < k.n_sel) {
-        long long i = n / P.bk, j = n % P.bk;
+        /* n < n_sel = ks * bk (a few thousand): 32-bit, not the 64-bit division subroutine */
+        const unsigned un = (unsigned)n, ui = un / (unsigned)P.bk;
+        const long long i = (long long)ui, j = (long long)(un - ui * (unsigned)P.bk);
         long long s = k.idx[i];
         if (s < 0 || s >= P.T) return AK_NONE;
         long long tt = s + j;
