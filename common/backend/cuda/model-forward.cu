@@ -213,6 +213,7 @@ static int attend(cuda_ctx *c, int il, int seq, const float *q, int64_t pos0, in
     if (decode) {
         int fs = hip_refresh_stage(c->hip, a.layer->n_stages, c->step[si]);
         if (!c->dec_valid[si]) fs = 0;
+        if (c->pg && (rc = paged_before_mask(c, il)) != 0) return rc;
         paged_prof_mark(c, 0);
         rc = cuda_hip_mask_estimate(&a, q, pos0, 1, fs, &c->dec[si], c->work, c->stream);
         paged_prof_mark(c, 1);

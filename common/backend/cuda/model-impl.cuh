@@ -80,6 +80,13 @@ struct cuda_paged {
      * computed the pages (sk_chunk), overlapping the next chunk; at most one sink is in flight
      * (sk_done: pages [sk_lo, ...) of sequence sk_seq); a ring slot of those pages is reused
      * only after it (paged_prepare) */
+    /* the keys-only cache is updated after a full refresh on mk_stream, overlapping the rest of
+     * the step (only later refreshes of that layer read it): mk_done[il] is waited for before
+     * the next mask estimation of layer il (paged_before_mask) */
+    cudaStream_t mk_stream;
+    cudaEvent_t mk_go;
+    cudaEvent_t *mk_done;  /* [n_layer] */
+    bool *mk_pending;      /* [n_layer] */
     cudaStream_t sk_stream;
     cudaEvent_t sk_chunk, sk_done;
     int sk_seq;
@@ -187,6 +194,8 @@ int paged_check_room(const cuda_ctx *c, int seq, int64_t pos0, int64_t n, cm_err
 /* Store the K/V of rows (slot = seq * n_ctx + pos) of layer il into their pages. */
 void paged_store(cuda_ctx *c, int il, const float *qkv, int64_t n);
 /* After a decode refresh of (seq, layer) starting at stage fs: update the caches. */
+/* Before a mask estimation of layer il: wait for its keys-only cache update in flight. */
+int paged_before_mask(cuda_ctx *c, int il);
 int paged_after_refresh(cuda_ctx *c, int il, int seq, int fs, const cuda_hip_mask *m,
                         int64_t n_kv);
 /* Before rows at [pos0, pos0 + n) of seq are stored: flushed pages whose ring slots they reuse

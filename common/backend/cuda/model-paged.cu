@@ -398,6 +398,13 @@ int paged_init(cuda_ctx *c, const cuda_ctx_params *p, cm_err *err)
         e = cudaMallocHost((void **)&pg->fix_host, sizeof(unsigned long long) * 2 * pg->fix_cap);
     for (int i = 0; i < 4 && e == cudaSuccess; i++) e = cudaEventCreate(&pg->ev[i]);
     if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&pg->sk_stream, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&pg->mk_stream, cudaStreamNonBlocking);
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&pg->mk_go, cudaEventDisableTiming);
+    pg->mk_done = (cudaEvent_t *)calloc((size_t)n_layer, sizeof(cudaEvent_t));
+    pg->mk_pending = (bool *)calloc((size_t)n_layer, sizeof(bool));
+    if (e == cudaSuccess && (!pg->mk_done || !pg->mk_pending)) e = cudaErrorMemoryAllocation;
+    for (int i = 0; i < n_layer && e == cudaSuccess; i++)
+        e = cudaEventCreateWithFlags(&pg->mk_done[i], cudaEventDisableTiming);
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&pg->sk_chunk, cudaEventDisableTiming);
     if (e == cudaSuccess) e = cudaEventCreateWithFlags(&pg->sk_done, cudaEventDisableTiming);
     if (e != cudaSuccess) {
@@ -454,6 +461,7 @@ void paged_free(cuda_ctx *c)
     cuda_paged *pg = c->pg;
     if (!pg) return;
     if (pg->sk_stream) cudaStreamSynchronize(pg->sk_stream);
+    if (pg->mk_stream) cudaStreamSynchronize(pg->mk_stream);
     cache_free(&pg->sa);
     cache_free(&pg->mk);
     cudaFree(pg->ring_dev);
@@ -472,6 +480,12 @@ void paged_free(cuda_ctx *c)
     if (pg->sk_chunk) cudaEventDestroy(pg->sk_chunk);
     if (pg->sk_done) cudaEventDestroy(pg->sk_done);
     if (pg->sk_stream) cudaStreamDestroy(pg->sk_stream);
+    for (int i = 0; pg->mk_done && i < (int)c->m->hp.n_layer; i++)
+        if (pg->mk_done[i]) cudaEventDestroy(pg->mk_done[i]);
+    free(pg->mk_done);
+    free(pg->mk_pending);
+    if (pg->mk_go) cudaEventDestroy(pg->mk_go);
+    if (pg->mk_stream) cudaStreamDestroy(pg->mk_stream);
     free(pg->tail0);
     free(pg->ring_lo);
     free(pg);
@@ -505,6 +519,8 @@ void paged_reset(cuda_ctx *c, int seq)
 {
     cuda_paged *pg = c->pg;
     sink_wait(c); /* its table updates must not land after the reset */
+    if (pg->mk_stream) cudaStreamSynchronize(pg->mk_stream); /* nor a keys-cache update */
+    for (int i = 0; pg->mk_pending && i < (int)c->m->hp.n_layer; i++) pg->mk_pending[i] = false;
     pg->tail0[seq] = 0;
     pg->ring_lo[seq] = 0;
     cache_forget(c, &pg->sa, seq);
@@ -565,13 +581,12 @@ void paged_store(cuda_ctx *c, int il, const float *qkv, int64_t n)
 
 static int cache_update(cuda_ctx *c, struct cuda_cache *ca, bool kv, int il, int seq,
                         const cuda_hip_mask *m, const hip_layer_config *lc, int bk, int64_t n_kv,
-                        uint32_t tick)
+                        uint32_t tick, cudaStream_t st)
 {
     cuda_paged *pg = c->pg;
     const int n_layer = (int)c->m->hp.n_layer;
     const int64_t lim = CM_MIN(pg->tail0[seq], (n_kv + pg->pt - 1) / pg->pt);
     if (!ca->slots || lim <= 0) return 0;
-    cudaStream_t st = c->stream;
     const size_t ps = ((size_t)seq * n_layer + il) * (size_t)pg->max_pages;
     uint32_t *need = ca->need + ps;
     const int st0 = kv ? ST_SA_NEED : ST_MK_NEED;
@@ -619,10 +634,28 @@ int paged_after_refresh(cuda_ctx *c, int il, int seq, int fs, const cuda_hip_mas
     hip_args ha;
     hip_args_from_config(&ha, c->hip, il, n_layer, false);
     const uint32_t tick = ++pg->tick;
-    int rc = cache_update(c, &pg->sa, true, il, seq, m, ha.layer, ha.block_size_k, n_kv, tick);
-    if (rc == 0 && fs == 0)
-        rc = cache_update(c, &pg->mk, false, il, seq, m, ha.layer, ha.block_size_k, n_kv, tick);
+    int rc = cache_update(c, &pg->sa, true, il, seq, m, ha.layer, ha.block_size_k, n_kv, tick,
+                          c->stream);
+    if (rc || fs != 0 || !pg->mk.slots) return rc;
+    /* the keys-only cache (the stage-1 candidates' pages, read by the later refreshes of this
+     * layer): on mk_stream behind the refresh, overlapping this step's attention and later
+     * layers; the next mask estimation of the layer waits for it (paged_before_mask) */
+    rc = cuerr(cudaEventRecord(pg->mk_go, c->stream));
+    if (rc == 0) rc = cuerr(cudaStreamWaitEvent(pg->mk_stream, pg->mk_go, 0));
+    if (rc == 0)
+        rc = cache_update(c, &pg->mk, false, il, seq, m, ha.layer, ha.block_size_k, n_kv, tick,
+                          pg->mk_stream);
+    if (rc == 0) rc = cuerr(cudaEventRecord(pg->mk_done[il], pg->mk_stream));
+    if (rc == 0) pg->mk_pending[il] = true;
     return rc;
+}
+
+int paged_before_mask(cuda_ctx *c, int il)
+{
+    cuda_paged *pg = c->pg;
+    if (!pg || !pg->mk_pending || !pg->mk_pending[il]) return 0;
+    pg->mk_pending[il] = false;
+    return cuerr(cudaStreamWaitEvent(c->stream, pg->mk_done[il], 0));
 }
 
 /* ---- sink, flush, bind ----------------------------------------------------------------------- */
@@ -962,7 +995,8 @@ extern "C" int cuda_ctx_offload_stats(cuda_ctx *c, cuda_offload_stats *out)
     if (!c || !c->pg || !out) return -EINVAL;
     cuda_paged *pg = c->pg;
     unsigned long long s[ST_N];
-    cudaError_t e = cudaMemcpy(s, pg->stat_dev, sizeof(s), cudaMemcpyDeviceToHost);
+    cudaError_t e = cudaStreamSynchronize(pg->mk_stream); /* its counters too */
+    if (e == cudaSuccess) e = cudaMemcpy(s, pg->stat_dev, sizeof(s), cudaMemcpyDeviceToHost);
     if (e != cudaSuccess) return CUDA_ERR(e);
     *out = pg->st;
     out->sa_needed = s[ST_SA_NEED];
