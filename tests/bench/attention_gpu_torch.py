@@ -16,9 +16,17 @@ Two timings per backend (math: the first only), as in attention_gpu:
                              --graph-reps replays divided by 32 = GPU time per call. All 32 calls
                              read the same K/V (T x 4 KiB, far beyond L2 at these T).
 
+With --prefill T (e.g. 1M): also the prefill of one --prefill-chunk (32K) chunk of queries at
+the end of a T-token context, as attention_gpu's prefill row: 32768 queries x T keys, the causal
+mask aligned to the bottom right (query i of the chunk sees keys <= T - chunk + i;
+torch.nn.attention.bias.causal_lower_right), cuDNN / flash / efficient backends, median of
+--prefill-reps calls; TFLOP/s counted on the visible (causal) part, 4 d flops per score.
+
     python3 tests/bench/attention_gpu_torch.py [--sizes 128K,256K,512K,1M,2M,4M] [--reps 20]
                                                [--graph-reps 10] [--no-graph]
                                                [--csv PATH] [--math-max 262144]
+                                               [--prefill 1M] [--prefill-chunk 32K]
+                                               [--prefill-reps 3]
 """
 import argparse
 import statistics
@@ -47,6 +55,9 @@ def main():
     ap.add_argument("--csv", default=None)
     ap.add_argument("--math-max", type=int, default=256 * 1024,
                     help="largest T for the math fallback (it materialises the scores)")
+    ap.add_argument("--prefill", default=None, help="context of the prefill row (e.g. 1M)")
+    ap.add_argument("--prefill-chunk", default="32K")
+    ap.add_argument("--prefill-reps", type=int, default=3)
     args = ap.parse_args()
 
     try:
@@ -203,6 +214,9 @@ def main():
         del q, k, v
         torch.cuda.empty_cache()
 
+    if args.prefill:
+        prefill_rows(args, torch, F, backends, sdpa_kernel, gqa, csv)
+
     print("\nsummary (median ms; one layer, batch 1):")
     names = sorted({r[0] for r in rows})
     print("%10s " % "T" + " ".join("%24s" % n.replace("torch sdpa ", "") for n in names))
@@ -215,6 +229,73 @@ def main():
     if csv:
         csv.close()
     return 0
+
+
+def prefill_rows(args, torch, F, backends, sdpa_kernel, gqa, csv):
+    """One chunk of queries at the end of a long context, dense SDPA (bottom-right causal)."""
+    T, C = parse_size(args.prefill), parse_size(args.prefill_chunk)
+    try:
+        from torch.nn.attention.bias import causal_lower_right
+    except Exception as e:  # noqa: BLE001
+        print(f"prefill: causal_lower_right unavailable ({e}): skipped")
+        return
+    visible = C * (T - C) + C * (C + 1) / 2  # scores on or below the diagonal
+    flops = 4.0 * D * H * visible
+    print(f"prefill ({C} queries at the end of {T} keys, {H}/{HKV} heads, d {D}, bf16, "
+          f"bottom-right causal):")
+    try:
+        q = torch.randn(1, H, C, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+        if not gqa:
+            k = k.repeat_interleave(H // HKV, dim=1)
+            v = v.repeat_interleave(H // HKV, dim=1)
+        mask = causal_lower_right(C, T)
+    except Exception as e:  # noqa: BLE001
+        print(f"  prefill: cannot allocate inputs: {type(e).__name__}: {e}")
+        return
+    kw = {"enable_gqa": True} if gqa else {}
+    for name, be in backends:
+        if name == "math":
+            continue
+        op = f"torch sdpa {name} prefill"
+
+        def call():
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+
+        try:
+            ctx = sdpa_kernel([be]) if be is not None else None
+            if ctx:
+                ctx.__enter__()
+            try:
+                call()
+                torch.cuda.synchronize()
+                ts = []
+                for _ in range(max(1, args.prefill_reps)):
+                    st = torch.cuda.Event(enable_timing=True)
+                    en = torch.cuda.Event(enable_timing=True)
+                    st.record()
+                    call()
+                    en.record()
+                    en.synchronize()
+                    ts.append(st.elapsed_time(en))
+            finally:
+                if ctx:
+                    ctx.__exit__(None, None, None)
+            ms = statistics.median(ts)
+            tf = flops / (ms * 1e-3) / 1e12
+            print(f"  {op:<36s} T {T:8d} n_tok {C:6d}  {ms:10.2f} ms  {tf:7.1f} TFLOP/s", flush=True)
+            if csv:
+                csv.write(f"{op},{T},{C},{ms:.4f},0,0,{tf:.3f},{len(ts)},bottom-right causal\n")
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            print(f"  {op:<36s} T {T:8d}: failed: {type(e).__name__}: {msg}")
+            try:
+                torch.cuda.synchronize()
+            except Exception:  # noqa: BLE001
+                pass
+    del q, k, v
+    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
