@@ -481,8 +481,11 @@ static void round_decode_gpu(dseq **ready, int n_ready, int *slots, int32_t *tok
     for (int i = 0, row = 0; i < n_ready; i++) {
         dseq *q = ready[i];
         if (!q->need_decode) continue;
+        cm_err me = {0};
         if (rc < 0) {
             seq_decode_fail(q, &e);
+        } else if (decode_gpu_moved(q->gpu_slot, &me)) {
+            seq_decode_fail(q, &me);
         } else {
             q->gpu_logits = decode_gpu_logits(row);
             q->gpu_n_past++;

@@ -44,6 +44,15 @@ static struct {
     int n_slots;
     bool *slot_used;   /* [n_slots] */
     void **spill_buf;  /* [n_slots] pinned staging of the slot's spilled blocks, or NULL */
+    /* per slot, to check that no block read in place has been spilled meanwhile
+     * (kvstore_cuda_seq_check, run when kvstore_spill_count changes) */
+    struct bound {
+        kvstore_lease lease;
+        uint32_t n_tb, n_staged;
+        uint64_t *addr; /* [n_layer][n_tb] as bound */
+        bool moved;     /* a block moved: the sequence's steps since are void */
+    } *bound;          /* [n_slots] */
+    uint64_t spill_seen; /* kvstore_spill_count at the last check */
     float *logits;     /* [n_slots][n_vocab]: rows of the last decode_gpu_decode */
     size_t half_bytes; /* K (or V) bytes of one block: V = K + half_bytes */
     uint64_t t_snap;
@@ -118,6 +127,9 @@ int decode_gpu_init(cm_err *err)
     gpu.n_slots = p.n_seq;
     gpu.slot_used = calloc((size_t)gpu.n_slots, sizeof(bool));
     gpu.spill_buf = calloc((size_t)gpu.n_slots, sizeof(void *));
+    gpu.bound = calloc((size_t)gpu.n_slots, sizeof(*gpu.bound));
+    gpu.spill_seen = kvstore_spill_count(decode_g.kv);
+    if (!gpu.bound) return cm_err_set(err, -ENOMEM, "out of memory");
     gpu.logits = malloc(sizeof(float) * (size_t)gpu.n_slots * (size_t)hp->n_vocab);
     if (!gpu.slot_used || !gpu.spill_buf || !gpu.logits)
         return cm_err_set(err, -ENOMEM, "out of memory");
@@ -143,6 +155,9 @@ void decode_gpu_free(void)
         kvstore_cuda_staging_free(gpu.spill_buf[i]);
     free(gpu.spill_buf);
     gpu.spill_buf = NULL;
+    for (int i = 0; gpu.bound && i < gpu.n_slots; i++) free(gpu.bound[i].addr);
+    free(gpu.bound);
+    gpu.bound = NULL;
     kvstore_cuda_free(gpu.kc); /* unregisters the pool: before the segment is closed */
     gpu.kc = NULL;
     cuda_model_free(gpu.model);
@@ -201,6 +216,9 @@ int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_
         gpu.slot_used[s] = true;
         gpu.spill_buf[s] = staging; /* freed when the slot is released */
         staging = NULL;
+        free(gpu.bound[s].addr);
+        gpu.bound[s] = (struct bound){*lease, (uint32_t)n_pages, n_staged, ka, false};
+        ka = NULL; /* kept for the checks */
         *slot = s;
     } else {
         cudaSetDevice(gpu.dev);
@@ -257,6 +275,8 @@ void decode_gpu_release(int slot)
     cudaSetDevice(gpu.dev);
     cuda_ctx_reset(gpu.ctx, slot);
     gpu.slot_used[slot] = false;
+    free(gpu.bound[slot].addr);
+    memset(&gpu.bound[slot], 0, sizeof(gpu.bound[slot]));
     if (gpu.spill_buf[slot]) { /* nothing reads it any more (reset synchronizes) */
         kvstore_cuda_staging_free(gpu.spill_buf[slot]);
         gpu.spill_buf[slot] = NULL;
@@ -265,10 +285,43 @@ void decode_gpu_release(int slot)
     pthread_mutex_unlock(&gpu.mu);
 }
 
+/* With gpu.mu held: when the store has spilled blocks since the last check, check every bound
+ * slot; a slot with a moved block is marked (its steps since read whatever the RAM slot held). */
+static void check_moved_locked(void)
+{
+    const uint64_t sc = kvstore_spill_count(decode_g.kv);
+    if (sc == gpu.spill_seen) return;
+    gpu.spill_seen = sc; /* spills during the checks are seen by the next one */
+    for (int s = 0; s < gpu.n_slots; s++) {
+        struct bound *b = &gpu.bound[s];
+        if (!gpu.slot_used[s] || !b->addr || b->moved) continue;
+        cm_err e = {0};
+        if (kvstore_cuda_seq_check(gpu.kc, &b->lease, b->n_tb, b->addr, gpu.spill_buf[s],
+                                   b->n_staged, &e) < 0) {
+            b->moved = true;
+            CM_LOG_WARN("decode: GPU slot %d: %s", s, e.msg);
+            pthread_mutex_lock(&gpu.st_mu);
+            gpu.st.kv_moved++;
+            pthread_mutex_unlock(&gpu.st_mu);
+        }
+    }
+}
+
+bool decode_gpu_moved(int slot, cm_err *err)
+{
+    if (slot < 0 || slot >= gpu.n_slots || !gpu.bound || !gpu.bound[slot].moved) return false;
+    cm_err_set(err, -EAGAIN,
+               "a K/V block of this sequence was moved to the store's spill tier while the GPU "
+               "read it in place (the segment's RAM pool is too small for the sequences it "
+               "serves); the tokens after it are void — retry, or give the store more RAM");
+    return true;
+}
+
 int decode_gpu_decode(int n, const int *slots, const int32_t *toks, cm_err *err)
 {
     pthread_mutex_lock(&gpu.mu);
     int rc = cuda_decode_batch(gpu.ctx, n, slots, toks, gpu.logits, err);
+    if (rc == 0) check_moved_locked(); /* after the step: before its tokens are used */
     uint64_t now = cm_time_ns();
     if (rc == 0 && now - gpu.t_snap > UINT64_C(200000000)) {
         gpu.t_snap = now;
@@ -323,6 +376,13 @@ int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_
 void decode_gpu_release(int slot)
 {
     (void)slot;
+}
+
+bool decode_gpu_moved(int slot, cm_err *err)
+{
+    (void)slot;
+    (void)err;
+    return false;
 }
 
 int decode_gpu_decode(int n, const int *slots, const int32_t *toks, cm_err *err)

@@ -175,6 +175,7 @@ typedef struct decode_gpu_stats {
     uint64_t kv_bytes;       /* GPU memory of the KV: ring + caches */
     uint64_t model_bytes;    /* GPU memory of the weights */
     uint64_t spill_blocks;   /* spilled prompt blocks read back (io_uring) into pinned staging */
+    uint64_t kv_moved;       /* sequences failed: a block read in place was spilled meanwhile */
     uint64_t refresh[4];     /* decode layer-steps by HiP mask work: full refresh, from the
                                 stage-1 cache, from the stage-2 cache, mask reused */
     uint64_t steps[4];       /* decode steps by their deepest mask work (same kinds) */
@@ -194,6 +195,9 @@ void decode_gpu_release(int slot);
  * until the next call (scheduler thread only). */
 int decode_gpu_decode(int n, const int *slots, const int32_t *toks, cm_err *err);
 const float *decode_gpu_logits(int row);
+/* After decode_gpu_decode: true (and err set, -EAGAIN) when a block the slot reads in place was
+ * moved to the spill tier since it was bound; the slot's last step is void. */
+bool decode_gpu_moved(int slot, cm_err *err);
 void decode_gpu_get_stats(decode_gpu_stats *out);
 
 /* decode-main.c */

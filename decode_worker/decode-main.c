@@ -628,6 +628,9 @@ static void on_get_stats(rpc_call *c, const ProtobufCMessage *msg, void *user)
          "mean time of a decode step refreshed from the stage-2 cache"},
         {"gpu.step_ms_reuse", gs.steps[3] ? gs.step_ms[3] / (double)gs.steps[3] : 0.0, false,
          "mean time of a decode step that reused every mask"},
+        {"gpu.kv_moved", (double)gs.kv_moved, true,
+         "sequences failed (RESOURCE_EXHAUSTED) because a block the GPU read in place was "
+         "moved to the spill tier meanwhile"},
         {"gpu.spill_blocks", (double)gs.spill_blocks, true,
          "spilled prompt blocks read back into pinned staging for the GPU"},
         {"gpu.bytes_h2d", (double)gs.bytes_h2d, true,

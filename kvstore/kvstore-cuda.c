@@ -223,6 +223,40 @@ void kvstore_cuda_staging_free(void *staging)
     if (staging) cudaFreeHost(staging);
 }
 
+int kvstore_cuda_seq_check(kvstore_cuda *c, const kvstore_lease *lease, uint32_t n_tb,
+                           const uint64_t *addr, void *staging, uint32_t n_staged,
+                           cm_err *err)
+{
+    kvstore *kv = c->kv;
+    const uint32_t n_layer = kv->L.geom.n_layers;
+    uint64_t s0 = 0, s1 = 0;
+    if (staging && n_staged) {
+        void *d = NULL;
+        if (cudaHostGetDevicePointer(&d, staging, 0) != cudaSuccess) {
+            cudaGetLastError();
+            return cm_err_set(err, -EINVAL, "kvstore cuda: staging is not GPU-mapped memory");
+        }
+        s0 = (uint64_t)(uintptr_t)d;
+        s1 = s0 + (uint64_t)n_staged * kv->L.geom.bytes_per_block;
+    }
+    for (uint32_t l = 0; l < n_layer; l++)
+        for (uint32_t tb = 0; tb < n_tb; tb++) {
+            const uint64_t a = addr[(uint64_t)l * n_tb + tb];
+            if (a >= s0 && a < s1) continue; /* a staged copy */
+            uint64_t now = 0;
+            cm_err be = {0};
+            int rc = kvstore_cuda_block_addr(c, lease, tb, l, &now, &be);
+            if (rc == -KVSTORE_ESTATE || (rc == 0 && now != a))
+                return cm_err_set(err, -EAGAIN,
+                                  "K/V block (token block %u, layer %u) was moved to the spill "
+                                  "tier while it was read in place (the store's RAM pool is too "
+                                  "small for the sequences it serves)",
+                                  tb, l);
+            if (rc < 0) return cm_err_set(err, rc, "%s", be.msg);
+        }
+    return 0;
+}
+
 void kvstore_cuda_free(kvstore_cuda *c)
 {
     if (!c) return;

@@ -804,6 +804,13 @@ int kvstore_destroy(const char *name, const kvstore_params *p_in, cm_err *err)
 
 const kvstore_geometry *kvstore_get_geometry(const kvstore *kv) { return &kv->geom_pub; }
 
+uint64_t kvstore_spill_count(kvstore *kv)
+{
+    /* incremented under the lock once a block's location has switched to the spill file and
+     * before its RAM slot can be reused (kvstore-spill.c) */
+    return atomic_load_explicit(&kv->hdr->mut.n_spill_out, memory_order_acquire);
+}
+
 uint64_t kvstore_segment_id(const kvstore *kv)
 {
     uint64_t id = kv->L.created_unix_ns;

@@ -146,6 +146,10 @@ CM_API const kvstore_geometry *kvstore_get_geometry(const kvstore *kv);
  * even when they have the same path (e.g. /kv/ihip-ihip in every pod). A KV handle carries it so
  * a worker never reads a sequence id of another segment. */
 CM_API uint64_t kvstore_segment_id(const kvstore *kv);
+/* Blocks moved to the spill tier since the segment was created, by any process. A reader that
+ * reads blocks in place (kvstore_cuda_block_addr) compares it across its reads: unchanged means
+ * none of its blocks moved. Lock-free. */
+CM_API uint64_t kvstore_spill_count(kvstore *kv);
 /* Name of the spill I/O backend this handle uses ("io_uring", "pread", or "none"). */
 CM_API const char *kvstore_io_name(const kvstore *kv);
 /* Renew this process's heartbeat (lock-free). */
@@ -361,6 +365,14 @@ CM_API int kvstore_cuda_seq_addrs(kvstore_cuda *c, const kvstore_lease *lease, u
                                   uint64_t *addr, uint64_t max_stage_bytes, void **staging,
                                   uint32_t *n_staged, cm_err *err);
 CM_API void kvstore_cuda_staging_free(void *staging);
+/* After kvstore_cuda_seq_addrs (addr, staging and n_staged as it returned them): 0 when every
+ * block it resolved in the RAM tier is still there, at the same address; -EAGAIN with a message
+ * when one has moved to the spill tier since (its RAM slot may hold other data now, so what was
+ * read from it is void). Blocks read into the staging cannot move. Cost: one lookup per block;
+ * call it when kvstore_spill_count has changed. */
+CM_API int kvstore_cuda_seq_check(kvstore_cuda *c, const kvstore_lease *lease, uint32_t n_tb,
+                                  const uint64_t *addr, void *staging, uint32_t n_staged,
+                                  cm_err *err);
 
 #ifdef __cplusplus
 }

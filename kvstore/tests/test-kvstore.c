@@ -377,12 +377,18 @@ static void test_spill(int backend)
     kvstore_seq_ref refs[8];
     kvstore_lease leases[8];
     int ok = 1;
+    const uint64_t sc0 = kvstore_spill_count(kv);
+    CHECK(sc0 == 0, "spill count of a new segment %llu", (unsigned long long)sc0);
     for (int s = 0; s < 8 && ok; s++) {
         ok = write_seq(kv, 4, NULL, 64, &refs[s], &leases[s], 100 + (uint64_t)s) == 0;
         CHECK(ok, "write seq %d", s);
     }
     kvstore_stats st;
     kvstore_get_stats(kv, &st, &err);
+    /* the lock-free count an in-place reader watches is the stats' n_spill_out */
+    CHECK(kvstore_spill_count(kv) == st.n_spill_out && st.n_spill_out > 0,
+          "spill count %llu vs n_spill_out %llu", (unsigned long long)kvstore_spill_count(kv),
+          (unsigned long long)st.n_spill_out);
     CHECK(st.blocks_used == 64 && st.blocks_spilled >= 48 && st.n_spill_out >= 48 &&
               st.blocks_ram + st.ram_free == 16 && st.blocks_spilled + st.spill_free == 64,
           "spilled: used %u spilled %u ram %u ram_free %u", st.blocks_used, st.blocks_spilled,

@@ -27,7 +27,8 @@
  *      (kvstore_cuda_seq_addrs) gives reference logits; then another sequence's allocations push
  *      part of the prompt's blocks into the spill file; bound again, those blocks are read back
  *      by the pager into pinned staging, and every decode logit must be bit-identical to the
- *      reference; a staging limit below the spilled bytes gives -ENOSPC.
+ *      reference; a staging limit below the spilled bytes gives -ENOSPC; the addresses bound
+ *      before the spill fail kvstore_cuda_seq_check (-EAGAIN), those bound after pass.
  * Prints "N passed, N failed"; exit 77 without a GPU.
  */
 #include "backend/cuda/cuda-model.h"
@@ -516,7 +517,8 @@ static int store_sink_fn(void *user, int seq, int layer, int64_t page, uint64_t 
 /* Bind decode context c to the leased sequence's blocks; returns blocks staged from the spill
  * tier, or a negative code. */
 static int bind_store(cuda_ctx *c, kvstore_cuda *kc, const kvstore_lease *l, int64_t n, int pt,
-                      int n_layer, size_t half, uint64_t max_stage, void **staging, cm_err *err)
+                      int n_layer, size_t half, uint64_t max_stage, void **staging, cm_err *err,
+                      uint64_t **keep = NULL)
 {
     const int64_t np = (n + pt - 1) / pt;
     uint64_t *k = (uint64_t *)malloc(sizeof(uint64_t) * (size_t)(np * n_layer));
@@ -526,6 +528,10 @@ static int bind_store(cuda_ctx *c, kvstore_cuda *kc, const kvstore_lease *l, int
     if (rc == 0) rc = kvstore_cuda_seq_addrs(kc, l, (uint32_t)np, k, max_stage, staging, &staged, err);
     for (int64_t i = 0; rc == 0 && i < np * n_layer; i++) v[i] = k[i] + half;
     if (rc == 0) rc = cuda_ctx_bind_host(c, 0, n, k, v, err);
+    if (keep && rc == 0) {
+        *keep = k; /* the addresses as bound (kvstore_cuda_seq_check) */
+        k = NULL;
+    }
     free(k);
     free(v);
     return rc < 0 ? rc : (int)staged;
@@ -608,10 +614,17 @@ static void test_spill(void)
     cuda_ctx *dc = rc == 0 ? cuda_ctx_init(m, &p, &err) : NULL;
     if (rc == 0 && !dc) rc = -ENOMEM;
     void *staging = NULL;
+    uint64_t *ram_addr = NULL; /* the reference bind's addresses: every block in RAM */
+    const uint64_t sc0 = kv ? kvstore_spill_count(kv) : 0;
     int staged = rc == 0 ? bind_store(dc, kc, &lease, n_prompt, pt, n_layer, half, 1ull << 30,
-                                      &staging, &err)
+                                      &staging, &err, &ram_addr)
                          : -1;
     CHECK(staged == 0, "spill: reference bind staged %d blocks (%s)", staged, err.msg);
+    if (staged == 0) {
+        cm_err e2 = {};
+        CHECK(kvstore_cuda_seq_check(kc, &lease, (uint32_t)n_pages, ram_addr, NULL, 0, &e2) == 0,
+              "spill: check right after binding: %s", e2.msg);
+    }
     for (int64_t s = 0; s < n_dec && staged == 0; s++)
         if ((rc = cuda_decode(dc, 0, toks[n_prompt + s], ref + s * V, &err)) != 0) break;
     CHECK(rc == 0, "spill: reference decode: %s", err.msg);
@@ -632,6 +645,17 @@ static void test_spill(void)
     memset(&ks, 0, sizeof(ks));
     if (kv) kvstore_get_stats(kv, &ks, &err);
     CHECK(ks.blocks_spilled > 0, "spill: no block of the prompt went to the spill tier");
+    /* a reader of the blocks in place learns that some moved: the count changed, and the check
+     * of the addresses it bound fails with -EAGAIN */
+    CHECK(kv && kvstore_spill_count(kv) > sc0, "spill: the spill count did not change");
+    if (ram_addr) {
+        cm_err e2 = {};
+        int r2 = kvstore_cuda_seq_check(kc, &lease, (uint32_t)n_pages, ram_addr, NULL, 0, &e2);
+        CHECK(r2 == -EAGAIN && strstr(e2.msg, "moved to the spill tier"),
+              "spill: check of the RAM-bound addresses after spilling: rc %d (%s)", r2, e2.msg);
+        free(ram_addr);
+        ram_addr = NULL;
+    }
 
     /* a staging limit below the spilled bytes: a clear -ENOSPC */
     if (rc == 0 && ks.blocks_spilled > 0) {
@@ -643,12 +667,20 @@ static void test_spill(void)
         staging = NULL;
     }
     /* bound again: spilled blocks read back into pinned staging; logits bit-identical */
+    uint64_t *bound = NULL;
     staged = rc == 0 ? bind_store(dc, kc, &lease, n_prompt, pt, n_layer, half, 1ull << 30,
-                                  &staging, &err)
+                                  &staging, &err, &bound)
                      : -1;
     CHECK(staged > 0 && (uint32_t)staged == ks.blocks_spilled,
           "spill: staged %d blocks, the store has %u spilled (%s)", staged, ks.blocks_spilled,
           err.msg);
+    if (bound) { /* staged copies cannot move; the RAM-tier rest did not */
+        cm_err e2 = {};
+        CHECK(kvstore_cuda_seq_check(kc, &lease, (uint32_t)n_pages, bound, staging,
+                                     (uint32_t)staged, &e2) == 0,
+              "spill: check after binding with staging: %s", e2.msg);
+        free(bound);
+    }
     int64_t bad = 0;
     for (int64_t s = 0; s < n_dec && staged > 0; s++) {
         if ((rc = cuda_decode(dc, 0, toks[n_prompt + s], lg, &err)) != 0) break;
