@@ -123,6 +123,7 @@ int decode_gpu_init(cm_err *err)
         c->gpu_tail_tokens > 0 ? c->gpu_tail_tokens : c->max_tokens_limit + 2 * (int64_t)tpb;
     p.sa_cache_tokens = c->gpu_sa_cache_tokens;
     p.mask_cache_tokens = c->gpu_mask_cache_tokens;
+    p.probe_cache_tokens = c->gpu_probe_cache_tokens;
     if (!(gpu.ctx = cuda_ctx_init(gpu.model, &p, err))) return err->code ? err->code : -ENOMEM;
     gpu.n_slots = p.n_seq;
     gpu.slot_used = calloc((size_t)gpu.n_slots, sizeof(bool));

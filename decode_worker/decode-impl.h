@@ -77,6 +77,7 @@ typedef struct decode_config {
     int64_t gpu;                /* CUDA device index */
     int64_t gpu_sa_cache_tokens;   /* K‖V page cache per layer in tokens (< 0: none) */
     int64_t gpu_mask_cache_tokens; /* keys-only page cache per layer in tokens (< 0: none) */
+    int64_t gpu_probe_cache_tokens; /* stage-0 probe cache per slot in tokens (0: off) */
     int64_t gpu_tail_tokens; /* GPU ring per slot and layer (0 = max-tokens-limit + 2 blocks) */
     int64_t gpu_spill_max_bytes; /* pinned host staging for one sequence's spilled blocks */
     bool verbose;

@@ -98,6 +98,10 @@ static cfg_entry cfg_table[] = {
      "--device cuda: GPU K+V page cache per layer in tokens (-1 = none)"},
     {"--gpu-mask-cache-tokens", CFG_INT, &C.gpu_mask_cache_tokens, "65536", -1, INT64_C(1) << 32,
      "--device cuda: GPU keys page cache per layer in tokens (-1 = none)"},
+    {"--gpu-probe-cache-tokens", CFG_INT, &C.gpu_probe_cache_tokens, "0", 0, INT64_C(1) << 32,
+     "--device cuda: per sequence slot, keep a GPU copy of the keys a full HiP mask refresh "
+     "probes first (~5.5 % of K) for up to this many prompt tokens, so a refresh reads less "
+     "over the bus (0 = off)"},
     {"--gpu-tail-tokens", CFG_INT, &C.gpu_tail_tokens, "0", 0, INT64_C(1) << 32,
      "--device cuda: GPU ring per sequence and layer for decoded tokens (0 = max-tokens-limit + "
      "2 blocks)"},

@@ -37,6 +37,8 @@
  * the GPU too, while every page is still written to the store after its chunk).
  * --prefill-stage: per-layer prefix staging buffers in tokens (0 = none; all = the prompt):
  * the prefix older than the ring is copied back per layer, overlapped with the previous layer.
+ * --probe-cache 1: the decode context keeps the stage-0 probe cache (cuda_ctx_params
+ * probe_cache_tokens = the context), filled at the hand-off.
  * --spill-gib G (store mode): G GiB of the sequence's blocks are pushed into the segment's spill
  * file in --spill-dir (local disk) before the hand-off, which reads them back with the kvstore
  * pager into pinned staging (kvstore_cuda_seq_addrs, as the decode worker does) and reports the
@@ -70,6 +72,7 @@ struct opts {
     bool prefill_resident;
     const char *store_dir, *spill_dir;
     double store_max_gib, alias_gib, spill_gib;
+    int probe_cache;
     int dev;
 };
 
@@ -346,6 +349,7 @@ static void decode_row(const cuda_model *m, const hip_config *hc, const struct o
     p.page_tokens = o->page;
     p.sa_cache_tokens = o->sa_cache;
     p.mask_cache_tokens = o->mask_cache;
+    p.probe_cache_tokens = o->probe_cache ? p.n_ctx : 0;
     p.tail_tokens = o->warmup + o->steps + o->prof_steps + 2 * o->page + 64;
     struct host_kv h;
     memset(&h, 0, sizeof(h));
@@ -365,7 +369,7 @@ static void decode_row(const cuda_model *m, const hip_config *hc, const struct o
                r->stage_s > 0 ? r->spill_gib * GiB / 1e9 / r->stage_s : 0.0);
     if (rc == 0)
         printf("  host KV: pin/register %.2f s, synthetic fill %.2f s, hand-off (lease + "
-               "addresses + bind) %.1f ms; GPU KV (ring + caches) %.2f GiB = %.2f %% of the "
+               "addresses + bind) %.1f ms; GPU KV (ring, caches, probe cache) %.2f GiB = %.2f %% of the "
                "dense %.2f GiB\n",
                r->register_s, r->fill_s, r->handoff_ms, (double)r->gpu_kv / GiB,
                100.0 * (double)r->gpu_kv / (double)r->dense_kv, (double)r->dense_kv / GiB);
@@ -570,7 +574,7 @@ static void usage(void)
             "[--warmup 9] [--prof-steps 16] [--page 64] [--sa-cache N] [--mask-cache N] "
             "[--store-dir DIR] [--store-max-gib G] [--alias-gib G] [--prefill-list N,...] "
             "[--prefill-chunk N] [--prefill-ring N|all] [--prefill-stage N|all] "
-            "[--prefill-resident 0|1] [--spill-gib G] [--spill-dir DIR] "
+            "[--prefill-resident 0|1] [--spill-gib G] [--spill-dir DIR] [--probe-cache 0|1] "
             "[--preset fast|3k|flash] [--dev N]\n");
 }
 
@@ -637,6 +641,8 @@ int main(int argc, char **argv)
             o.store_max_gib = atof(v);
         } else if (!strcmp(a, "--alias-gib")) {
             o.alias_gib = atof(v);
+        } else if (!strcmp(a, "--probe-cache")) {
+            o.probe_cache = atoi(v) != 0;
         } else if (!strcmp(a, "--spill-gib")) {
             o.spill_gib = atof(v);
         } else if (!strcmp(a, "--spill-dir")) {

@@ -12,6 +12,7 @@
  *        (a) one-page caches: nearly every needed page misses and overflows (read over the bus),
  *        (b) large caches: pages are installed and hit,
  *        (c) no caches;
+ *      (a) and (b) with the stage-0 probe cache (probe_cache_tokens), (c) without;
  *      every logit of every prefill and decode step must be BIT-IDENTICAL to the reference (same
  *      kernels on the same values; only where they are read from differs), for bf16 and fp8 KV.
  *      Cache counters must show what each case is about (overflow in (a), hits in (b)).
@@ -260,6 +261,8 @@ static void test_equal(const char *shape, const hip_config *hc, const char *what
         dp.tail_tokens = n_dec + 2 * pt;
         dp.sa_cache_tokens = caches[ci][0];
         dp.mask_cache_tokens = caches[ci][1];
+        /* the stage-0 probe cache with the caches (a, b); none with (c) */
+        dp.probe_cache_tokens = ci < 2 ? dp.n_ctx : 0;
         cuda_ctx *dc = cuda_ctx_init(m, &dp, &err);
         CHECK(dc != NULL, "decode ctx: %s", err.msg);
         if (!dc) break;
@@ -275,6 +278,8 @@ static void test_equal(const char *shape, const hip_config *hc, const char *what
               (long long)n_dec);
         cuda_offload_stats st;
         cuda_ctx_offload_stats(dc, &st);
+        if (hc && ci < 2)
+            CHECK(st.pc_chunks > 0, "%s: the probe cache holds no chunk", cname[ci]);
         if (hc && ci == 0)
             CHECK(st.sa_overflow > 0 && st.sa_overflow * 2 > st.sa_needed,
                   "one-page cache: needed %llu, overflow %llu (most should overflow)",

@@ -58,6 +58,15 @@ typedef struct cuda_kv_view {
     int64_t n_kv;           /* live length T: tokens [0, T) exist */
     const uint64_t *kptr_dev; /* [ceil(T / page_tokens)] or NULL */
     const uint64_t *vptr_dev; /* [ceil(T / page_tokens)] or NULL */
+    /* Optional, mask estimation only: a GPU copy of the keys the first three descent levels of
+     * stage 0 probe (HIP.md §2.5: offsets o of a chunk of pc_lc tokens starting at
+     * pc_base + j * pc_lc with o a multiple of pc_lc / 16 but not of pc_lc / 2), for the chunks j
+     * whose pc_ok_dev[j] is set: [pc_chunks][14][n_head_kv][head_dim] raw K elements. The same
+     * bytes as the keys' homes, so it only changes where they are read from. NULL = none. */
+    const void *pc_dev;
+    const uint8_t *pc_ok_dev;
+    int64_t pc_base, pc_chunks;
+    int pc_lc;
 } cuda_kv_view;
 
 /* RoPE for the kernels: same meaning as cpu_rope (style, head_dim, n_rot, inv_freq in double). */

@@ -145,6 +145,12 @@ typedef struct cuda_ctx_params {
      * recent stage_tokens and read the rest over the bus. GPU memory: 2 × stage_tokens tokens of
      * ONE layer's K and V. 0 = off. */
     int64_t stage_tokens;
+    /* HiP decode from host pages: a GPU copy of the keys the first three descent levels of a
+     * full mask refresh probe in every complete stage-0 chunk (14 of every 256 keys with the
+     * default chunk of 256, ~5.5 % of K), filled when host pages are bound
+     * (cuda_ctx_bind_host), for up to probe_cache_tokens tokens per sequence; those probes then
+     * read GPU memory instead of the bus. 0 = off. */
+    int64_t probe_cache_tokens;
 } cuda_ctx_params;
 
 /* Default fp8 per-tensor scale: K/V of order one (what RMS-normed activations times 1/sqrt(n_in)
@@ -240,7 +246,8 @@ typedef struct cuda_offload_stats {
                                     * refresh in some layer, else from stage 1, 2, else reuse */
     double step_ms[4];             /* their host time (the call returns with the logits) */
     double ms_mask, ms_cache, ms_attn; /* summed over decode layer-steps (profile only) */
-    size_t gpu_kv_bytes;           /* ring + caches, all layers */
+    size_t gpu_kv_bytes;           /* ring + caches (+ probe cache), all layers */
+    uint64_t pc_chunks;            /* stage-0 chunks copied into the probe cache */
 } cuda_offload_stats;
 CM_API int cuda_ctx_offload_stats(cuda_ctx *c, cuda_offload_stats *out);
 CM_API void cuda_ctx_offload_reset(cuda_ctx *c);

@@ -87,6 +87,13 @@ struct cuda_paged {
     cudaEvent_t mk_go;
     cudaEvent_t *mk_done;  /* [n_layer] */
     bool *mk_pending;      /* [n_layer] */
+    /* stage-0 probe cache (probe_cache_tokens > 0; cuda_kv_view.pc_*): per sequence, per layer
+     * [pc_chunks[il]][14][n_head_kv][row bytes] at pc_off[il], flags at pc_okoff[il] */
+    uint8_t *pc_dev, *pc_ok;
+    size_t pc_seq_bytes, pc_seq_ok;
+    size_t *pc_off, *pc_okoff; /* host [n_layer] */
+    int64_t *pc_chunks, *pc_base; /* host [n_layer] */
+    int *pc_lc;                   /* host [n_layer] */
     cudaStream_t sk_stream;
     cudaEvent_t sk_chunk, sk_done;
     int sk_seq;

@@ -445,9 +445,46 @@ int paged_init(cuda_ctx *c, const cuda_ctx_params *p, cm_err *err)
                               (long long)pg->stage_pages, pg->page_bytes, cudaGetErrorString(e));
         }
     }
+    if (p->probe_cache_tokens > 0 && c->hip) {
+        pg->pc_off = (size_t *)calloc((size_t)n_layer, sizeof(size_t));
+        pg->pc_okoff = (size_t *)calloc((size_t)n_layer, sizeof(size_t));
+        pg->pc_chunks = (int64_t *)calloc((size_t)n_layer, sizeof(int64_t));
+        pg->pc_base = (int64_t *)calloc((size_t)n_layer, sizeof(int64_t));
+        pg->pc_lc = (int *)calloc((size_t)n_layer, sizeof(int));
+        if (!pg->pc_off || !pg->pc_okoff || !pg->pc_chunks || !pg->pc_base || !pg->pc_lc)
+            return cm_err_set(err, -ENOMEM, "out of memory");
+        const size_t row = (size_t)hp->head_dim * c->kv_elem;
+        const int64_t toks = CM_MIN(p->probe_cache_tokens, c->n_ctx);
+        for (int il = 0; il < n_layer; il++) {
+            hip_args ha;
+            hip_args_from_config(&ha, c->hip, il, n_layer, false);
+            const int lc0 = ha.layer->stages[0].chunk_size;
+            if (lc0 < 32 || lc0 % 16 || row % 16) continue;
+            pg->pc_lc[il] = lc0;
+            pg->pc_base[il] = ha.layer->sink_token_size;
+            pg->pc_chunks[il] = toks > pg->pc_base[il] ? (toks - pg->pc_base[il]) / lc0 : 0;
+            pg->pc_off[il] = pg->pc_seq_bytes;
+            pg->pc_okoff[il] = pg->pc_seq_ok;
+            pg->pc_seq_bytes += (size_t)pg->pc_chunks[il] * 14 * (size_t)hp->n_head_kv * row;
+            pg->pc_seq_ok += (size_t)pg->pc_chunks[il];
+        }
+        if (pg->pc_seq_bytes) {
+            e = cudaMalloc((void **)&pg->pc_dev, pg->pc_seq_bytes * (size_t)c->n_seq);
+            if (e == cudaSuccess) e = cudaMalloc((void **)&pg->pc_ok, pg->pc_seq_ok * (size_t)c->n_seq);
+            if (e == cudaSuccess) e = cudaMemset(pg->pc_ok, 0, pg->pc_seq_ok * (size_t)c->n_seq);
+            if (e != cudaSuccess) {
+                cudaGetLastError();
+                return cm_err_set(err, -ENOMEM,
+                                  "cuda context: cannot allocate the probe cache (%.1f MiB): %s",
+                                  (double)(pg->pc_seq_bytes * (size_t)c->n_seq) / 1048576.0,
+                                  cudaGetErrorString(e));
+            }
+        }
+    }
     pg->st.gpu_kv_bytes = ring_bytes + (size_t)n_layer * ((size_t)pg->sa.slots * pg->sa.slot_bytes +
                                                           (size_t)pg->mk.slots * pg->mk.slot_bytes) +
-                          2 * (size_t)pg->stage_pages * pg->page_bytes;
+                          2 * (size_t)pg->stage_pages * pg->page_bytes +
+                          pg->pc_seq_bytes * (size_t)c->n_seq;
     c->kv_bytes = pg->st.gpu_kv_bytes;
     for (int s = 0; s < c->n_seq; s++) paged_reset(c, s);
     e = cudaStreamSynchronize(c->stream);
@@ -486,6 +523,13 @@ void paged_free(cuda_ctx *c)
     free(pg->mk_pending);
     if (pg->mk_go) cudaEventDestroy(pg->mk_go);
     if (pg->mk_stream) cudaStreamDestroy(pg->mk_stream);
+    cudaFree(pg->pc_dev);
+    cudaFree(pg->pc_ok);
+    free(pg->pc_off);
+    free(pg->pc_okoff);
+    free(pg->pc_chunks);
+    free(pg->pc_base);
+    free(pg->pc_lc);
     free(pg->tail0);
     free(pg->ring_lo);
     free(pg);
@@ -523,6 +567,8 @@ void paged_reset(cuda_ctx *c, int seq)
     for (int i = 0; pg->mk_pending && i < (int)c->m->hp.n_layer; i++) pg->mk_pending[i] = false;
     pg->tail0[seq] = 0;
     pg->ring_lo[seq] = 0;
+    if (pg->pc_ok && pg->pc_seq_ok)
+        cudaMemsetAsync(pg->pc_ok + (size_t)seq * pg->pc_seq_ok, 0, pg->pc_seq_ok, c->stream);
     cache_forget(c, &pg->sa, seq);
     cache_forget(c, &pg->mk, seq);
     tab_to_ring(c, seq, 0);
@@ -541,6 +587,13 @@ cuda_kv_view paged_view(const cuda_ctx *c, int il, int seq, int64_t n_kv, bool s
     const unsigned long long *t = pg->tab + tab_index(c, seq, il, 0);
     kv.kptr_dev = (const uint64_t *)(t + (size_t)(sa ? PT_SA_K : PT_MK_K) * pg->max_pages);
     kv.vptr_dev = sa ? (const uint64_t *)(t + (size_t)PT_SA_V * pg->max_pages) : NULL;
+    if (!sa && pg->pc_dev && pg->pc_chunks[il]) { /* mask estimation: the probe cache too */
+        kv.pc_dev = pg->pc_dev + (size_t)seq * pg->pc_seq_bytes + pg->pc_off[il];
+        kv.pc_ok_dev = pg->pc_ok + (size_t)seq * pg->pc_seq_ok + pg->pc_okoff[il];
+        kv.pc_base = pg->pc_base[il];
+        kv.pc_chunks = pg->pc_chunks[il];
+        kv.pc_lc = pg->pc_lc[il];
+    }
     return kv;
 }
 
@@ -656,6 +709,58 @@ int paged_before_mask(cuda_ctx *c, int il)
     if (!pg || !pg->mk_pending || !pg->mk_pending[il]) return 0;
     pg->mk_pending[il] = false;
     return cuerr(cudaStreamWaitEvent(c->stream, pg->mk_done[il], 0));
+}
+
+/* ---- stage-0 probe cache --------------------------------------------------------------------- */
+
+/* One block per chunk j in [j0, j0 + gridDim.x): copy the 14 probe keys of every KV head from
+ * their homes (HOME_K page pointers) into the cache, then mark the chunk. */
+static __global__ void pc_fill_kernel(const unsigned long long *tab_home_k, int pt, long long base,
+                                      int lc, int hkv, int row_bytes, long long j0, uint8_t *pc,
+                                      uint8_t *ok)
+{
+    const long long j = j0 + blockIdx.x;
+    const int step = lc / 16, vec = row_bytes / 16;
+    const int n = 14 * hkv * vec;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int slot = i / (hkv * vec), g = (i / vec) % hkv, v = i % vec;
+        const int m = slot + 1 + (slot >= 7 ? 1 : 0); /* 1..15 without 8 */
+        const long long t = base + j * lc + (long long)m * step;
+        const uint8_t *home = (const uint8_t *)(uintptr_t)tab_home_k[t / pt];
+        const uint4 *src =
+            (const uint4 *)(home + ((size_t)g * (size_t)pt + (size_t)(t % pt)) * (size_t)row_bytes);
+        uint4 *dst = (uint4 *)(pc + (((size_t)j * 14 + (size_t)slot) * (size_t)hkv + (size_t)g) *
+                                        (size_t)row_bytes);
+        dst[v] = src[v];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) ok[j] = 1;
+}
+
+/* Fill the probe cache of seq for its complete chunks below n_tokens (after a bind). */
+static int pc_fill(cuda_ctx *c, int seq, int64_t n_tokens)
+{
+    cuda_paged *pg = c->pg;
+    if (!pg->pc_dev) return 0;
+    const int n_layer = (int)c->m->hp.n_layer;
+    const int hkv = (int)c->m->hp.n_head_kv;
+    const int row_bytes = (int)(c->m->hp.head_dim * c->kv_elem);
+    for (int il = 0; il < n_layer; il++) {
+        if (!pg->pc_chunks[il]) continue;
+        const int64_t full = n_tokens > pg->pc_base[il] ? (n_tokens - pg->pc_base[il]) / pg->pc_lc[il] : 0;
+        const int64_t nj = CM_MIN(full, pg->pc_chunks[il]);
+        if (nj <= 0) continue;
+        uint8_t *dst = pg->pc_dev + (size_t)seq * pg->pc_seq_bytes + pg->pc_off[il];
+        uint8_t *ok = pg->pc_ok + (size_t)seq * pg->pc_seq_ok + pg->pc_okoff[il];
+        for (int64_t j0 = 0; j0 < nj; j0 += 65535) {
+            const unsigned nb = (unsigned)CM_MIN(nj - j0, (int64_t)65535);
+            pc_fill_kernel<<<nb, 256, 0, c->stream>>>(
+                pg->tab + tab_index(c, seq, il, PT_HOME_K), pg->pt, (long long)pg->pc_base[il],
+                pg->pc_lc[il], hkv, row_bytes, (long long)j0, dst, ok);
+        }
+        pg->st.pc_chunks += (uint64_t)nj;
+    }
+    return cuerr(cudaGetLastError());
 }
 
 /* ---- sink, flush, bind ----------------------------------------------------------------------- */
@@ -927,6 +1032,11 @@ extern "C" int cuda_ctx_bind_host(cuda_ctx *c, int seq, int64_t n_tokens, const 
                                     (const void *)(uintptr_t)v_addr[(size_t)il * n_pages + full],
                                     pg->half_bytes, cudaMemcpyDefault, c->stream);
         }
+    int prc = e == cudaSuccess ? pc_fill(c, seq, n_tokens) : 0;
+    if (prc) {
+        free(h);
+        return cm_err_set(err, prc, "binding host pages: filling the probe cache failed");
+    }
     if (e == cudaSuccess) e = cudaStreamSynchronize(c->stream);
     free(h);
     if (e != cudaSuccess)
