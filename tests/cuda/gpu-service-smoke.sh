@@ -4,7 +4,7 @@
 #   into it from the GPU; two decode workers on the same segment, --device cuda (blocks read in
 #   place over PCIe + GPU page caches) and --device cpu (blocks loaded into the CPU engine); the
 #   same greedy chats through both (a short prompt, and a ~3000-token one so HiP prunes and the
-#   offloaded pages matter). Prints both answers and whether they are equal, and the GPU worker's
+#   offloaded pages matter; the GPU worker with its stage-0 probe cache on). Prints both answers and whether they are equal, and the GPU worker's
 #   gpu.* metrics.
 # Binaries and their shared libraries come from $IHIP_SVC (default .gpucarry/svc: bin/ and lib/,
 # see tests/cuda/README.md); the model from $IHIP_MODEL. Logs go to $OUT.
@@ -33,7 +33,8 @@ fi
 for dev in cuda cpu; do
     port=$([ "$dev" = cuda ] && echo 50051 || echo 50052)
     "$B/ihip-decode-worker" --model "$M" --listen "127.0.0.1:$port" --prefill 127.0.0.1:50061 \
-        --kv-dir "$D" --kv-name g --device "$dev" 2>"$OUT/decode-$dev.log" &
+        --kv-dir "$D" --kv-name g --device "$dev" $([ "$dev" = cuda ] && echo --gpu-probe-cache-tokens 8192) \
+        2>"$OUT/decode-$dev.log" &
     pids+=($!)
 done
 for port in 50051 50052; do
