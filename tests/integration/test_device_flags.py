@@ -5,7 +5,8 @@ Both workers take --device cpu|cuda (issue 7). Without a usable GPU — a build 
 CUDA build on a machine where no device is visible (this CI machine) — --device cuda must stop
 at start-up with a non-zero exit and a message that says why (CUDA / GPU / device), never hang
 or crash (the port is bound early so that health can report NOT_SERVING while the model loads;
-the process then exits, so nothing stays listening); an unknown device name is refused with a message naming the flag. With a
+the process then exits, so nothing stays listening); an unknown device name is refused with a message naming the flag,
+and so is a negative --gpu-stage-tokens (prefill) / --gpu-probe-cache-tokens (decode), both listed in --help. With a
 GPU visible the cuda case is skipped (tests/cuda/gpu-service-smoke.sh covers it on the H200).
 
 Exit 0 pass, 1 fail, 77 skip (no model or binaries).
@@ -53,6 +54,14 @@ def main():
                 common.append("--kv-create")
             else:
                 common += ["--prefill", f"127.0.0.1:{stack.free_port()}"]
+            # the GPU sizing flags: listed in --help, a negative value refused naming the flag
+            flag = ("--gpu-stage-tokens" if worker == "ihip-prefill-worker"
+                    else "--gpu-probe-cache-tokens")
+            rc, out = start(worker, ["--help"])
+            check(f"{worker} --help lists {flag}", flag in out, out[-300:])
+            rc, err = start(worker, common + ["--device", "cuda", flag, "-1"])
+            check(f"{worker} {flag} -1 is refused", rc not in (None, 0), f"rc {rc}: {err[-300:]}")
+            check(f"{worker} {flag} -1: the message names the flag", flag in err, err[-300:])
             rc, err = start(worker, common + ["--device", "tpu"])
             check(f"{worker} --device tpu is refused", rc not in (None, 0), f"rc {rc}: {err[-300:]}")
             check(f"{worker} --device tpu: the message names the flag",
