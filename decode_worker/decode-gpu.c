@@ -190,6 +190,7 @@ int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_
      * the bus, or copied into its page caches) */
     uint32_t n_staged = 0;
     cudaSetDevice(gpu.dev);
+    const uint64_t sc0 = kvstore_spill_count(decode_g.kv); /* before the addresses are read */
     rc = kvstore_cuda_seq_addrs(gpu.kc, lease, (uint32_t)n_pages, ka,
                                 (uint64_t)decode_g.cfg.gpu_spill_max_bytes, &staging, &n_staged,
                                 err);
@@ -221,6 +222,15 @@ int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_
         gpu.bound[s] = (struct bound){*lease, (uint32_t)n_pages, n_staged, ka, false};
         ka = NULL; /* kept for the checks */
         *slot = s;
+        /* a spill between reading the addresses and now may have been checked (and counted as
+         * seen) before this slot was registered: check it here */
+        cm_err ce = {0};
+        if (kvstore_spill_count(decode_g.kv) != sc0 &&
+            kvstore_cuda_seq_check(gpu.kc, lease, (uint32_t)n_pages, gpu.bound[s].addr,
+                                   gpu.spill_buf[s], n_staged, &ce) < 0) {
+            gpu.bound[s].moved = true; /* its first step fails it (decode_gpu_moved) */
+            CM_LOG_WARN("decode: GPU slot %d: %s", s, ce.msg);
+        }
     } else {
         cudaSetDevice(gpu.dev);
         cuda_ctx_reset(gpu.ctx, s);
@@ -301,9 +311,6 @@ static void check_moved_locked(void)
                                    b->n_staged, &e) < 0) {
             b->moved = true;
             CM_LOG_WARN("decode: GPU slot %d: %s", s, e.msg);
-            pthread_mutex_lock(&gpu.st_mu);
-            gpu.st.kv_moved++;
-            pthread_mutex_unlock(&gpu.st_mu);
         }
     }
 }
@@ -311,6 +318,9 @@ static void check_moved_locked(void)
 bool decode_gpu_moved(int slot, cm_err *err)
 {
     if (slot < 0 || slot >= gpu.n_slots || !gpu.bound || !gpu.bound[slot].moved) return false;
+    pthread_mutex_lock(&gpu.st_mu);
+    gpu.st.kv_moved++; /* once: the caller fails the sequence, which frees the slot */
+    pthread_mutex_unlock(&gpu.st_mu);
     cm_err_set(err, -EAGAIN,
                "a K/V block of this sequence was moved to the store's spill tier while the GPU "
                "read it in place (the segment's RAM pool is too small for the sequences it "
