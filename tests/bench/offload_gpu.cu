@@ -31,7 +31,7 @@
  *               [--prof-steps 16] [--page 64] [--sa-cache 32768] [--mask-cache 65536]
  *               [--store-dir /dev/shm] [--store-max-gib G] [--alias-gib 24]
  *               [--prefill-list 131072] [--prefill-chunk 32768] [--prefill-ring N|all]
- *               [--spill-gib 0] [--spill-dir /tmp] [--preset fast] [--dev 0]
+ *               [--spill-gib 0] [--spill-dir /tmp] [--probe-cache 0] [--preset fast] [--dev 0]
  * --prefill-ring: GPU ring of the prefill context in tokens (0 = the default, two chunks: the
  * prefix older than that is read from the store over the bus; all = the whole prompt stays on
  * the GPU too, while every page is still written to the store after its chunk).

@@ -33,6 +33,7 @@
  * Prints "N passed, N failed"; exit 77 without a GPU.
  */
 #include "backend/cuda/cuda-model.h"
+#include "backend/cuda/cuda-hip-impl.h" /* the probe cache layout, checked on the host */
 #include "backend/cuda/cuda.h"
 #include "hip/hip.h"
 #include "kvstore.h"
@@ -709,8 +710,37 @@ static void test_spill(void)
     cuda_model_free(m);
 }
 
+/* The stage-0 probe cache layout (cuda-hip-impl.h), on the host: a slot for exactly the probes
+ * of the first three descent levels (offsets m * lc / 16, m in 1..15 without 8), each slot
+ * once, and offset(slot(o)) == o. */
+static void test_pc_layout(void)
+{
+    static const int lcs[4] = {32, 64, 256, 512};
+    for (int li = 0; li < 4; li++) {
+        const int lc = lcs[li], step = lc / 16;
+        int seen[CUDA_PC_SLOTS] = {0}, bad = 0;
+        for (int o = 0; o < lc; o++) {
+            const bool probe = o % step == 0 && o % (8 * step) != 0;
+            const int sl = cuda_pc_slot((unsigned)o, lc);
+            if (probe != (sl >= 0) || (sl >= 0 && (sl >= CUDA_PC_SLOTS ||
+                                                   cuda_pc_offset(sl, lc) != o)))
+                bad++;
+            if (sl >= 0 && sl < CUDA_PC_SLOTS) seen[sl]++;
+        }
+        for (int sl = 0; sl < CUDA_PC_SLOTS; sl++) bad += seen[sl] != 1;
+        CHECK(cuda_pc_lc_ok(lc) && bad == 0, "probe cache layout, chunk %d: %d mismatches", lc,
+              bad);
+    }
+    CHECK(!cuda_pc_lc_ok(16) && !cuda_pc_lc_ok(40), "probe cache: chunks 16 and 40 refused");
+}
+
 int main(void)
 {
+    test_pc_layout();
+    if (n_fail) {
+        printf("%d passed, %d failed\n", n_pass, n_fail);
+        return 1;
+    }
     if (cuda_device_count() <= 0) {
         printf("skip: no CUDA device visible\n");
         return 77;

@@ -106,6 +106,34 @@ static inline int cuda_kv_check(const cuda_kv_view *kv, bool need_v)
     return 0;
 }
 
+/* ---- stage-0 probe cache layout (cuda_kv_view.pc_*) ----------------------------------------- */
+
+/* A chunk of lc tokens keeps CUDA_PC_SLOTS keys: the probes of the first three descent levels
+ * (HIP.md §2.5), at offsets m * lc / 16 for m in 1..15 without 8 (slot = m - 1, minus one past
+ * 8). The model fills it (model-paged.cu), the mask kernels read it (hip-mask.cu). */
+#define CUDA_PC_SLOTS 14
+
+/* A chunk size the layout serves (offsets in 1/16 steps, three levels above single keys). */
+static inline __host__ __device__ bool cuda_pc_lc_ok(int lc)
+{
+    return lc >= 32 && lc % 16 == 0;
+}
+
+/* Offset in the chunk of slot's key. */
+static inline __host__ __device__ int cuda_pc_offset(int slot, int lc)
+{
+    return (slot + 1 + (slot >= 7 ? 1 : 0)) * (lc / 16);
+}
+
+/* Slot of the key at offset o of a chunk, or -1 when the cache does not keep it. */
+static inline __host__ __device__ int cuda_pc_slot(unsigned o, int lc)
+{
+    const unsigned step = (unsigned)lc / 16u;
+    if (o % step != 0 || o % (8u * step) == 0) return -1; /* not a probe, or offset 0 or lc/2 */
+    const unsigned m = o / step; /* 1..15 without 8 */
+    return (int)(m - 1u - (m > 8u ? 1u : 0u));
+}
+
 /* Scratch slots of a cuda_hip_work: each kernel family uses its own slots so that buffers of
  * the mask kernels and of BSA never alias within one call sequence. */
 enum cuda_hip_slot {

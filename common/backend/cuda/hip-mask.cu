@@ -222,7 +222,7 @@ struct mask_kv {
     const uint8_t *pc;
     const uint8_t *pc_ok;
     long long pc_base, pc_chunks;
-    int pc_lc, pc_step;
+    int pc_lc;
 };
 
 /* Byte address of element 0 of key t, KV head g (cuda_kv_rows; the kernels only read K). A key
@@ -232,14 +232,11 @@ static __device__ __forceinline__ const uint8_t *kv_key(const mask_kv &kv, int64
     if (kv.pc && t >= kv.pc_base) {
         const unsigned long long r = (unsigned long long)(t - kv.pc_base);
         const unsigned long long j = r / (unsigned)kv.pc_lc;
-        const unsigned o = (unsigned)(r - j * (unsigned)kv.pc_lc);
-        if (j < (unsigned long long)kv.pc_chunks && o % (unsigned)kv.pc_step == 0 &&
-            o % (unsigned)(8 * kv.pc_step) != 0 && kv.pc_ok[j]) {
-            const unsigned m = o / (unsigned)kv.pc_step; /* 1..15 without 8 */
-            const unsigned slot = m - 1u - (m > 8u ? 1u : 0u);
-            return kv.pc + ((j * 14u + slot) * (unsigned long long)kv.a.hkv + (unsigned)g) *
+        const int slot = cuda_pc_slot((unsigned)(r - j * (unsigned)kv.pc_lc), kv.pc_lc);
+        if (j < (unsigned long long)kv.pc_chunks && slot >= 0 && kv.pc_ok[j])
+            return kv.pc + ((j * CUDA_PC_SLOTS + (unsigned)slot) * (unsigned long long)kv.a.hkv +
+                            (unsigned)g) *
                                (unsigned long long)kv.a.row_bytes;
-        }
     }
     return cuda_kv_krow(kv.a, t, g);
 }
@@ -1129,14 +1126,12 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
     mkv.dtype = kv->dtype;
     mkv.k_scale = kv->dtype == CUDA_KV_FP8 ? kv->k_scale : 1.0f;
     mkv.pc = NULL;
-    if (kv->pc_dev && kv->pc_ok_dev && kv->pc_lc >= 32 && kv->pc_lc % 16 == 0 &&
-        kv->pc_chunks > 0) {
+    if (kv->pc_dev && kv->pc_ok_dev && cuda_pc_lc_ok(kv->pc_lc) && kv->pc_chunks > 0) {
         mkv.pc = (const uint8_t *)kv->pc_dev;
         mkv.pc_ok = kv->pc_ok_dev;
         mkv.pc_base = kv->pc_base;
         mkv.pc_chunks = kv->pc_chunks;
         mkv.pc_lc = kv->pc_lc;
-        mkv.pc_step = kv->pc_lc / 16;
     }
 
     for (int s = first_stage; s < S; s++) {

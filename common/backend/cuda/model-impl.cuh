@@ -76,10 +76,6 @@ struct cuda_paged {
     unsigned long long *fix_dev;  /* [cap][2] (table index, value) scatter list */
     unsigned long long *fix_host; /* pinned mirror */
     int64_t fix_cap;
-    /* the page sink's copies (and its table updates) run on sk_stream after the chunk that
-     * computed the pages (sk_chunk), overlapping the next chunk; at most one sink is in flight
-     * (sk_done: pages [sk_lo, ...) of sequence sk_seq); a ring slot of those pages is reused
-     * only after it (paged_prepare) */
     /* the keys-only cache is updated after a full refresh on mk_stream, overlapping the rest of
      * the step (only later refreshes of that layer read it): mk_done[il] is waited for before
      * the next mask estimation of layer il (paged_before_mask) */
@@ -88,12 +84,16 @@ struct cuda_paged {
     cudaEvent_t *mk_done;  /* [n_layer] */
     bool *mk_pending;      /* [n_layer] */
     /* stage-0 probe cache (probe_cache_tokens > 0; cuda_kv_view.pc_*): per sequence, per layer
-     * [pc_chunks[il]][14][n_head_kv][row bytes] at pc_off[il], flags at pc_okoff[il] */
+     * [pc_chunks[il]][CUDA_PC_SLOTS][n_head_kv][row bytes] at pc_off[il], flags at pc_okoff[il] */
     uint8_t *pc_dev, *pc_ok;
     size_t pc_seq_bytes, pc_seq_ok;
     size_t *pc_off, *pc_okoff; /* host [n_layer] */
     int64_t *pc_chunks, *pc_base; /* host [n_layer] */
     int *pc_lc;                   /* host [n_layer] */
+    /* the page sink's copies (and its table updates) run on sk_stream after the chunk that
+     * computed the pages (sk_chunk), overlapping the next chunk; at most one sink is in flight
+     * (sk_done: pages [sk_lo, ...) of sequence sk_seq); a ring slot of those pages is reused
+     * only after it (paged_prepare) */
     cudaStream_t sk_stream;
     cudaEvent_t sk_chunk, sk_done;
     int sk_seq;

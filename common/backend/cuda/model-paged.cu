@@ -459,13 +459,14 @@ int paged_init(cuda_ctx *c, const cuda_ctx_params *p, cm_err *err)
             hip_args ha;
             hip_args_from_config(&ha, c->hip, il, n_layer, false);
             const int lc0 = ha.layer->stages[0].chunk_size;
-            if (lc0 < 32 || lc0 % 16 || row % 16) continue;
+            if (!cuda_pc_lc_ok(lc0) || row % 16) continue;
             pg->pc_lc[il] = lc0;
             pg->pc_base[il] = ha.layer->sink_token_size;
             pg->pc_chunks[il] = toks > pg->pc_base[il] ? (toks - pg->pc_base[il]) / lc0 : 0;
             pg->pc_off[il] = pg->pc_seq_bytes;
             pg->pc_okoff[il] = pg->pc_seq_ok;
-            pg->pc_seq_bytes += (size_t)pg->pc_chunks[il] * 14 * (size_t)hp->n_head_kv * row;
+            pg->pc_seq_bytes +=
+                (size_t)pg->pc_chunks[il] * CUDA_PC_SLOTS * (size_t)hp->n_head_kv * row;
             pg->pc_seq_ok += (size_t)pg->pc_chunks[il];
         }
         if (pg->pc_seq_bytes) {
@@ -713,23 +714,23 @@ int paged_before_mask(cuda_ctx *c, int il)
 
 /* ---- stage-0 probe cache --------------------------------------------------------------------- */
 
-/* One block per chunk j in [j0, j0 + gridDim.x): copy the 14 probe keys of every KV head from
+/* One block per chunk j in [j0, j0 + gridDim.x): copy the probe keys of every KV head from
  * their homes (HOME_K page pointers) into the cache, then mark the chunk. */
 static __global__ void pc_fill_kernel(const unsigned long long *tab_home_k, int pt, long long base,
                                       int lc, int hkv, int row_bytes, long long j0, uint8_t *pc,
                                       uint8_t *ok)
 {
     const long long j = j0 + blockIdx.x;
-    const int step = lc / 16, vec = row_bytes / 16;
-    const int n = 14 * hkv * vec;
+    const int vec = row_bytes / 16;
+    const int n = CUDA_PC_SLOTS * hkv * vec;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const int slot = i / (hkv * vec), g = (i / vec) % hkv, v = i % vec;
-        const int m = slot + 1 + (slot >= 7 ? 1 : 0); /* 1..15 without 8 */
-        const long long t = base + j * lc + (long long)m * step;
+        const long long t = base + j * lc + cuda_pc_offset(slot, lc);
         const uint8_t *home = (const uint8_t *)(uintptr_t)tab_home_k[t / pt];
         const uint4 *src =
             (const uint4 *)(home + ((size_t)g * (size_t)pt + (size_t)(t % pt)) * (size_t)row_bytes);
-        uint4 *dst = (uint4 *)(pc + (((size_t)j * 14 + (size_t)slot) * (size_t)hkv + (size_t)g) *
+        uint4 *dst = (uint4 *)(pc + (((size_t)j * CUDA_PC_SLOTS + (size_t)slot) * (size_t)hkv +
+                                     (size_t)g) *
                                         (size_t)row_bytes);
         dst[v] = src[v];
     }
