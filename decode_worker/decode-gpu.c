@@ -169,6 +169,20 @@ void decode_gpu_free(void)
     gpu.logits = NULL;
 }
 
+/* With gpu.mu held: mark slot s when a block it reads in place has moved to the spill tier
+ * since it was bound (kvstore_cuda_seq_check); its steps since read whatever the RAM slot held. */
+static void check_slot_locked(int s)
+{
+    struct bound *b = &gpu.bound[s];
+    if (!gpu.slot_used[s] || !b->addr || b->moved) return;
+    cm_err e = {0};
+    if (kvstore_cuda_seq_check(gpu.kc, &b->lease, b->n_tb, b->addr, gpu.spill_buf[s],
+                               b->n_staged, &e) < 0) {
+        b->moved = true; /* its next step fails it (decode_gpu_moved) */
+        CM_LOG_WARN("decode: GPU slot %d: %s", s, e.msg);
+    }
+}
+
 int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_err *err)
 {
     const kvstore_geometry *g = kvstore_get_geometry(decode_g.kv);
@@ -224,13 +238,7 @@ int decode_gpu_bind(const kvstore_lease *lease, int64_t n_tokens, int *slot, cm_
         *slot = s;
         /* a spill between reading the addresses and now may have been checked (and counted as
          * seen) before this slot was registered: check it here */
-        cm_err ce = {0};
-        if (kvstore_spill_count(decode_g.kv) != sc0 &&
-            kvstore_cuda_seq_check(gpu.kc, lease, (uint32_t)n_pages, gpu.bound[s].addr,
-                                   gpu.spill_buf[s], n_staged, &ce) < 0) {
-            gpu.bound[s].moved = true; /* its first step fails it (decode_gpu_moved) */
-            CM_LOG_WARN("decode: GPU slot %d: %s", s, ce.msg);
-        }
+        if (kvstore_spill_count(decode_g.kv) != sc0) check_slot_locked(s);
     } else {
         cudaSetDevice(gpu.dev);
         cuda_ctx_reset(gpu.ctx, s);
@@ -297,22 +305,13 @@ void decode_gpu_release(int slot)
 }
 
 /* With gpu.mu held: when the store has spilled blocks since the last check, check every bound
- * slot; a slot with a moved block is marked (its steps since read whatever the RAM slot held). */
+ * slot. */
 static void check_moved_locked(void)
 {
     const uint64_t sc = kvstore_spill_count(decode_g.kv);
     if (sc == gpu.spill_seen) return;
     gpu.spill_seen = sc; /* spills during the checks are seen by the next one */
-    for (int s = 0; s < gpu.n_slots; s++) {
-        struct bound *b = &gpu.bound[s];
-        if (!gpu.slot_used[s] || !b->addr || b->moved) continue;
-        cm_err e = {0};
-        if (kvstore_cuda_seq_check(gpu.kc, &b->lease, b->n_tb, b->addr, gpu.spill_buf[s],
-                                   b->n_staged, &e) < 0) {
-            b->moved = true;
-            CM_LOG_WARN("decode: GPU slot %d: %s", s, e.msg);
-        }
-    }
+    for (int s = 0; s < gpu.n_slots; s++) check_slot_locked(s);
 }
 
 bool decode_gpu_moved(int slot, cm_err *err)
