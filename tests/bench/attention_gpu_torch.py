@@ -29,6 +29,7 @@ torch.nn.attention.bias.causal_lower_right), cuDNN / flash / efficient backends,
                                                [--prefill-reps 3]
 """
 import argparse
+import contextlib
 import statistics
 import sys
 
@@ -44,6 +45,35 @@ def parse_size(s):
     elif s[-1] in "mM":
         mult, s = 1024 * 1024, s[:-1]
     return int(float(s) * mult)
+
+
+def first_line(e):
+    """The first line of an exception's message (160 characters at most)."""
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+
+
+def sync_quietly(torch):
+    """Let a failed call's work finish; a broken context only stays broken."""
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def make_qkv(torch, n_q, T, gqa):
+    """Random bf16 q [1, H, n_q, D] and k, v [1, HKV, T, D] (expanded to H heads without GQA)."""
+    q = torch.randn(1, H, n_q, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
+    if not gqa:
+        k = k.repeat_interleave(H // HKV, dim=1)
+        v = v.repeat_interleave(H // HKV, dim=1)
+    return q, k, v
+
+
+def backend_ctx(sdpa_kernel, be):
+    """The context forcing backend be (no-op without sdpa_kernel)."""
+    return sdpa_kernel([be]) if be is not None else contextlib.nullcontext()
 
 
 def main():
@@ -160,12 +190,7 @@ def main():
     for T in sizes:
         nbytes = T * HKV * D * 2 * 2
         try:
-            q = torch.randn(1, H, 1, D, device="cuda", dtype=torch.bfloat16)
-            k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-            if not gqa:
-                k = k.repeat_interleave(H // HKV, dim=1)
-                v = v.repeat_interleave(H // HKV, dim=1)
+            q, k, v = make_qkv(torch, 1, T, gqa)
         except Exception as e:  # noqa: BLE001
             print(f"  T {T}: cannot allocate inputs: {type(e).__name__}: {e}")
             torch.cuda.empty_cache()
@@ -181,36 +206,26 @@ def main():
                 return F.scaled_dot_product_attention(q, k, v, **kw)
 
             try:
-                if be is not None:
-                    with sdpa_kernel([be]):
-                        ms = timed(call)
-                else:
+                with backend_ctx(sdpa_kernel, be):
                     ms = timed(call)
                 add(op, T, ms, nbytes, "" if gqa else "expanded K/V")
             except Exception as e:  # noqa: BLE001
-                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-                print(f"  {op:<28s} T {T:8d}: failed: {type(e).__name__}: {msg}")
+                print(f"  {op:<28s} T {T:8d}: failed: {type(e).__name__}: {first_line(e)}")
                 torch.cuda.synchronize()
                 continue
             if args.no_graph or name == "math":
                 continue
             gop = op + " [graph]"
             try:
-                if be is not None:
-                    with sdpa_kernel([be]):
-                        ms = timed_graph(call)
-                else:
+                with backend_ctx(sdpa_kernel, be):
                     ms = timed_graph(call)
                 add(gop, T, ms, nbytes,
                     f"per call, {GRAPH_CALLS}-call graph" + ("" if gqa else ", expanded K/V"),
                     max(1, args.graph_reps))
             except Exception as e:  # noqa: BLE001
-                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-                print(f"  {gop:<36s} T {T:8d}: capture/replay failed: {type(e).__name__}: {msg}")
-                try:
-                    torch.cuda.synchronize()
-                except Exception:  # noqa: BLE001
-                    pass
+                print(f"  {gop:<36s} T {T:8d}: capture/replay failed: {type(e).__name__}: "
+                      f"{first_line(e)}")
+                sync_quietly(torch)
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -244,12 +259,7 @@ def prefill_rows(args, torch, F, backends, sdpa_kernel, gqa, csv):
     print(f"prefill ({C} queries at the end of {T} keys, {H}/{HKV} heads, d {D}, bf16, "
           f"bottom-right causal):")
     try:
-        q = torch.randn(1, H, C, D, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(1, HKV, T, D, device="cuda", dtype=torch.bfloat16)
-        if not gqa:
-            k = k.repeat_interleave(H // HKV, dim=1)
-            v = v.repeat_interleave(H // HKV, dim=1)
+        q, k, v = make_qkv(torch, C, T, gqa)
         mask = causal_lower_right(C, T)
     except Exception as e:  # noqa: BLE001
         print(f"  prefill: cannot allocate inputs: {type(e).__name__}: {e}")
@@ -264,10 +274,7 @@ def prefill_rows(args, torch, F, backends, sdpa_kernel, gqa, csv):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
 
         try:
-            ctx = sdpa_kernel([be]) if be is not None else None
-            if ctx:
-                ctx.__enter__()
-            try:
+            with backend_ctx(sdpa_kernel, be):
                 call()
                 torch.cuda.synchronize()
                 ts = []
@@ -279,21 +286,14 @@ def prefill_rows(args, torch, F, backends, sdpa_kernel, gqa, csv):
                     en.record()
                     en.synchronize()
                     ts.append(st.elapsed_time(en))
-            finally:
-                if ctx:
-                    ctx.__exit__(None, None, None)
             ms = statistics.median(ts)
             tf = flops / (ms * 1e-3) / 1e12
             print(f"  {op:<36s} T {T:8d} n_tok {C:6d}  {ms:10.2f} ms  {tf:7.1f} TFLOP/s", flush=True)
             if csv:
                 csv.write(f"{op},{T},{C},{ms:.4f},0,0,{tf:.3f},{len(ts)},bottom-right causal\n")
         except Exception as e:  # noqa: BLE001
-            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-            print(f"  {op:<36s} T {T:8d}: failed: {type(e).__name__}: {msg}")
-            try:
-                torch.cuda.synchronize()
-            except Exception:  # noqa: BLE001
-                pass
+            print(f"  {op:<36s} T {T:8d}: failed: {type(e).__name__}: {first_line(e)}")
+            sync_quietly(torch)
     del q, k, v
     torch.cuda.empty_cache()
 
