@@ -4,6 +4,9 @@
  *   decode at T = 128K .. 4M:  (a) HiP, mask reused       = cuda_hip_bsa
  *                              (b) HiP, full mask refresh = cuda_hip_mask_estimate + cuda_hip_bsa
  *                              (c) dense                  = cuda_attn_dense
+ *                              (a2) (a) with IHIP_ATTN_DECODE=v2 (the fp32 BSA kernel instead
+ *                                  of the tensor-core one; its note gives the relative L2
+ *                                  difference of the two outputs)
  *                              (d) (a) and (c) with IHIP_ATTN_DECODE=v1 (first decode kernels),
  *                                  (c) with IHIP_ATTN_DECODE=v3 (v2 at 4 blocks per SM) and v4
  *                                  (v2 loading the next step's K/V early; its note gives the
@@ -307,6 +310,36 @@ static void fill(uint16_t *p, size_t n, uint64_t seed, float amp)
     CK(cudaGetLastError());
 }
 
+/* One call of fn with IHIP_ATTN_DECODE = a (NULL: unset), one with b, same inputs; note = how
+ * far b's output is from a's (largest |b - a| against the largest |a|, relative L2). */
+static void compare_versions(int (*fn)(void *), ctx *c, const char *a, const char *b, char *note,
+                             size_t n)
+{
+    static float oa[H * D], ob[H * D];
+    const char *v[2] = {a, b};
+    float *o[2] = {oa, ob};
+    int rc[2];
+    for (int i = 0; i < 2; i++) {
+        if (v[i]) setenv("IHIP_ATTN_DECODE", v[i], 1);
+        else unsetenv("IHIP_ATTN_DECODE");
+        rc[i] = fn(c);
+        CK(cudaDeviceSynchronize());
+        CK(cudaMemcpy(o[i], c->out, sizeof oa, cudaMemcpyDeviceToHost));
+    }
+    double md = 0, mx = 0, num = 0, den = 0;
+    for (int j = 0; j < H * D; j++) {
+        const double d = (double)ob[j] - oa[j];
+        md = fmax(md, fabs(d));
+        mx = fmax(mx, fabs((double)oa[j]));
+        num += d * d;
+        den += (double)oa[j] * oa[j];
+    }
+    const char *na = a ? a : "default";
+    if (rc[0] || rc[1]) snprintf(note, n, "%s call %d, %s call %d", na, rc[0], b, rc[1]);
+    else snprintf(note, n, "max |%s - %s| %.2e (max %.2e), rel L2 %.2e", b, na, md, mx,
+                  den > 0 ? sqrt(num / den) : 0.0);
+}
+
 int main(int argc, char **argv)
 {
     const char *sizes = "128K,256K,512K,1M,2M,4M", *csv = NULL;
@@ -463,7 +496,7 @@ int main(int argc, char **argv)
     printf("decode (1 query, %d heads / %d KV heads, d %d, bf16):\n", H, HKV, D);
     /* dec[i]: single call (hip reuse, hip refresh, dense); decg[i]: per call in a graph (the
      * same three, then hip reuse v1, dense v1, dense v3) */
-    double dec[16][3], decg[16][7];
+    double dec[16][3], decg[16][9];
     cudaStream_t gst = NULL;
     if (graph) CK(cudaStreamCreateWithFlags(&gst, cudaStreamNonBlocking));
     char gnote[96];
@@ -480,7 +513,7 @@ int main(int argc, char **argv)
         int rc = cuda_hip_mask_estimate(&c.args, c.q, c.pos0, 1, 0, &m, w, NULL);
         CK(cudaDeviceSynchronize());
         if (rc) fprintf(stderr, "  cuda_hip_mask_estimate failed: %d\n", rc);
-        for (int j = 0; j < 7; j++) decg[i][j] = -1;
+        for (int j = 0; j < 9; j++) decg[i][j] = -1;
         /* the graph row of fn (after its single-call row); prints why when it cannot run */
 #define GRAPH_ROW(j, name, fn, bytes)                                                            \
     do {                                                                                          \
@@ -505,6 +538,14 @@ int main(int argc, char **argv)
         const char *dv = getenv("IHIP_ATTN_DECODE");
         char dv_saved[16];
         snprintf(dv_saved, sizeof dv_saved, "%s", dv ? dv : "");
+        if (!rc) {
+            /* the fp32 BSA kernel (v2) against the default (tensor-core) one on the same call */
+            char n2[128];
+            compare_versions(run_bsa, &c, NULL, "v2", n2, sizeof n2);
+            double b2 = time_median(run_bsa, &c, 5, reps);
+            add_row("hip bsa (mask reused) v2", T, 1, b2, b_bsa, 0, reps, n2);
+            GRAPH_ROW(7, "hip bsa (mask reused) v2", run_bsa, b_bsa);
+        }
         setenv("IHIP_ATTN_DECODE", "v1", 1);
         double b1 = rc ? -1 : time_median(run_bsa, &c, 5, reps);
         add_row("hip bsa (mask reused) v1", T, 1, b1, b_bsa, 0, reps, note);
@@ -518,23 +559,8 @@ int main(int argc, char **argv)
         GRAPH_ROW(5, "dense v3", run_dense, b_dense);
         {
             /* v4 against v2 on the same call: same per-key arithmetic, other split count */
-            static float o2[H * D], o4[H * D];
-            setenv("IHIP_ATTN_DECODE", "v2", 1);
-            int r2 = run_dense(&c);
-            CK(cudaDeviceSynchronize());
-            CK(cudaMemcpy(o2, c.out, sizeof o2, cudaMemcpyDeviceToHost));
-            setenv("IHIP_ATTN_DECODE", "v4", 1);
-            int r4 = run_dense(&c);
-            CK(cudaDeviceSynchronize());
-            CK(cudaMemcpy(o4, c.out, sizeof o4, cudaMemcpyDeviceToHost));
-            double md = 0, mx = 0;
-            for (int j = 0; j < H * D; j++) {
-                md = fmax(md, fabs((double)o4[j] - (double)o2[j]));
-                mx = fmax(mx, fabs((double)o2[j]));
-            }
-            char n4[96];
-            if (r2 || r4) snprintf(n4, sizeof n4, "v2 call %d, v4 call %d", r2, r4);
-            else snprintf(n4, sizeof n4, "max |v4 - v2| %.2e (max |v2| %.2e)", md, mx);
+            char n4[128];
+            compare_versions(run_dense, &c, "v2", "v4", n4, sizeof n4);
             double d4 = time_median(run_dense, &c, 3, reps);
             add_row("dense v4", T, 1, d4, b_dense, 0, reps, n4);
             GRAPH_ROW(6, "dense v4", run_dense, b_dense);

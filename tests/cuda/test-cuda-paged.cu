@@ -361,7 +361,7 @@ typedef struct pcase {
 } pcase;
 
 static const char *const mask_scan[] = {NULL, "old", "fast1"}; /* IHIP_MASK_SCAN */
-static const char *const decode_ver[] = {NULL, "v1", "v3", "v4"}; /* IHIP_ATTN_DECODE */
+static const char *const decode_ver[] = {NULL, "v1", "v2", "v3", "v4"}; /* IHIP_ATTN_DECODE */
 static const char *const prefill_ker[] = {"mma", "fp32"};        /* IHIP_ATTN_PREFILL */
 
 static void set_env(const char *name, const char *v)
@@ -505,21 +505,21 @@ static void run_case(const pcase *c, cuda_hip_work *w)
     }
     set_env("IHIP_MASK_SCAN", NULL);
     ga.kv.n_kv = gb.kv.n_kv = T;
-    for (int v = 0; v < 4; v++) {
+    for (int v = 0; v < (int)(sizeof decode_ver / sizeof decode_ver[0]); v++) {
         set_env("IHIP_ATTN_DECODE", decode_ver[v]);
         CK(cudaMemset(oa_dev, 0xff, n1 * sizeof(float)));
         CK(cudaMemset(ob_dev, 0xff, n1 * sizeof(float)));
         BOTH(cuda_hip_bsa(&ga, q_dev, T - 1, 1, &da, oa_dev, w, NULL),
              cuda_hip_bsa(&gb, q_dev, T - 1, 1, &da, ob_dev, w, NULL));
         CK(cudaDeviceSynchronize());
-        snprintf(what, sizeof what, "bsa decode %s", decode_ver[v] ? decode_ver[v] : "v2");
+        snprintf(what, sizeof what, "bsa decode %s", decode_ver[v] ? decode_ver[v] : "default");
         compare_out(label, what, ra, rb, oa_dev, ob_dev, n1);
         CK(cudaMemset(oa_dev, 0xff, n1 * sizeof(float)));
         CK(cudaMemset(ob_dev, 0xff, n1 * sizeof(float)));
         BOTH(cuda_attn_dense(&ga.shape, &crope, &ga.kv, q_dev, T - 1, 1, oa_dev, w, NULL),
              cuda_attn_dense(&gb.shape, &crope, &gb.kv, q_dev, T - 1, 1, ob_dev, w, NULL));
         CK(cudaDeviceSynchronize());
-        snprintf(what, sizeof what, "dense decode %s", decode_ver[v] ? decode_ver[v] : "v2");
+        snprintf(what, sizeof what, "dense decode %s", decode_ver[v] ? decode_ver[v] : "default");
         compare_out(label, what, ra, rb, oa_dev, ob_dev, n1);
     }
     set_env("IHIP_ATTN_DECODE", NULL);

@@ -2,7 +2,9 @@
  * attn-bsa.cu — HiP block-sparse attention on the GPU (shared/HIP.md §3): cuda_hip_bsa, equal
  * to hip_bsa. The key list of a query block is sink ∪ selected blocks ∪ window with the
  * streaming position layout (attn-kernels.cuh, ak_bsa_key, mirrors bsa_block_keys). One query
- * -> split-K over the list + log-sum-exp merge; several -> one tile row per query block.
+ * -> split-K over the list + log-sum-exp merge (tensor-core kernel of attn-decode-mma.cu, or
+ * the fp32 one with IHIP_ATTN_DECODE=v1/v2 or an unsupported shape); several -> one tile row
+ * per query block.
  */
 #include "attn-kernels.cuh"
 #include "attn-prefill.cuh"
@@ -41,6 +43,10 @@ extern "C" int cuda_hip_bsa(const cuda_hip_args *a, const float *q_dev, int64_t 
         int64_t n_sink = CM_MIN(lc->sink_token_size, a->kv.n_kv);
         int64_t w0 = CM_MAX(0, pos0 - lc->sliding_window_size + 1);
         int64_t n_max = n_sink + (int64_t)m->kb * a->block_size_k + (pos0 - w0 + 1);
+        if (ak_decode_version() == 0) {
+            rc = ak_bsa_decode_mma(&P, n_max, w, st);
+            if (rc != -ENOTSUP) return rc;
+        }
         return ak_launch_decode<false>(P, n_max, w, st);
     }
     if (ak_prefill_mode() == AK_PF_MMA) return ak_prefill_mma(&P, 0, st);

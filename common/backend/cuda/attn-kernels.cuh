@@ -687,10 +687,13 @@ static inline void ak_cs_table(attn_params *P, cuda_hip_work *w, int dev, cudaSt
 
 /* out[h][e] = sum_s acc_s e^{m_s - M} / sum_s l_s e^{m_s - M}; one block per head. The (m, l)
  * pairs are loaded once into shared memory (sf[s] = e^{m_s - M}, -inf = empty split) and the
- * partials are read 8 splits at a time before the sums, so 8 loads are in flight per thread
- * instead of one dependent load per split; the sums run over the splits in order as before.
+ * partials are read 16 splits at a time (the last batch predicated) before the sums, so 16
+ * loads are in flight per thread instead of one dependent load per split; the sums run over
+ * the splits in order as before. Up to AK_MERGE_REG splits everything stays in registers
+ * (same sums, same order; e^{m_s - M} computed per thread instead of once per block).
  * Dynamic shared memory: (2 * n_split + 32) floats (ak_merge_smem). */
-#define AK_MERGE_BATCH 8
+#define AK_MERGE_BATCH 16
+#define AK_MERGE_REG 32 /* up to this many splits: the register path */
 static inline size_t ak_merge_smem(int n_split)
 {
     return sizeof(float) * (2 * (size_t)n_split + 32);
@@ -699,6 +702,36 @@ static inline size_t ak_merge_smem(int n_split)
 static __global__ void ak_merge_kernel(const float2 *part_ml, const float *part_acc, int n_split,
                                        int d, float *out)
 {
+    if (n_split <= AK_MERGE_REG) {
+        /* few splits: every thread loads all (m, l) pairs (the same addresses in every thread)
+         * and its partials at once, in registers: one round trip, no barrier */
+        const int h = blockIdx.x;
+        const float2 *ml = part_ml + (size_t)h * n_split;
+        float2 v[AK_MERGE_REG];
+#pragma unroll
+        for (int s = 0; s < AK_MERGE_REG; s++)
+            v[s] = s < n_split ? ml[s] : make_float2(-INFINITY, 0.0f);
+        for (int e = threadIdx.x; e < d; e += blockDim.x) {
+            const float *pa = part_acc + (size_t)h * n_split * d + e;
+            float a[AK_MERGE_REG];
+#pragma unroll
+            for (int s = 0; s < AK_MERGE_REG; s++) a[s] = s < n_split ? pa[(size_t)s * d] : 0.0f;
+            float M = -INFINITY;
+#pragma unroll
+            for (int s = 0; s < AK_MERGE_REG; s++) M = fmaxf(M, v[s].x);
+            float L = 0.0f, A = 0.0f;
+            if (M != -INFINITY)
+#pragma unroll
+                for (int s = 0; s < AK_MERGE_REG; s++) {
+                    if (v[s].x == -INFINITY) continue;
+                    const float f = __expf(v[s].x - M);
+                    L += v[s].y * f;
+                    A += a[s] * f;
+                }
+            out[(size_t)h * d + e] = L > 0.0f ? A / L : 0.0f;
+        }
+        return;
+    }
     extern __shared__ float ak_msm[];
     float *sf = ak_msm, *sl = sf + n_split, *wmax = sl + n_split;
     const int h = blockIdx.x;
@@ -725,24 +758,19 @@ static __global__ void ak_merge_kernel(const float2 *part_ml, const float *part_
         float L = 0.0f, A = 0.0f;
         if (M != -INFINITY) {
             const float *pa = part_acc + (size_t)h * n_split * d + e;
-            int s = 0;
-            for (; s + AK_MERGE_BATCH <= n_split; s += AK_MERGE_BATCH) {
+            for (int s = 0; s < n_split; s += AK_MERGE_BATCH) {
                 float a[AK_MERGE_BATCH];
 #pragma unroll
-                for (int j = 0; j < AK_MERGE_BATCH; j++) a[j] = pa[(size_t)(s + j) * d];
+                for (int j = 0; j < AK_MERGE_BATCH; j++)
+                    a[j] = s + j < n_split ? pa[(size_t)(s + j) * d] : 0.0f;
 #pragma unroll
                 for (int j = 0; j < AK_MERGE_BATCH; j++) {
+                    if (s + j >= n_split) break;
                     float f = sf[s + j];
                     if (f == -INFINITY) continue;
                     L += sl[s + j] * f;
                     A += a[j] * f;
                 }
-            }
-            for (; s < n_split; s++) {
-                float f = sf[s];
-                if (f == -INFINITY) continue;
-                L += sl[s] * f;
-                A += pa[(size_t)s * d] * f;
             }
         }
         out[(size_t)h * d + e] = L > 0.0f ? A / L : 0.0f;
@@ -1120,18 +1148,21 @@ static int ak_launch_decode_v(attn_params &P, long long n_keys, cuda_hip_work *w
     return ak_launch_decode_t<128, 8, DENSE, V2, 1, PRE>(P, n_keys, w, st);
 }
 
-/* Decode kernel version from IHIP_ATTN_DECODE: "v1" the first kernels (for comparison), "v3"
- * v2 with the dense G <= 4 kernels limited to 128 registers (4 blocks per SM instead of 3; BSA
- * as v2), "v4" v2 with the dense kernels loading the next step's K/V before the current step's
- * math (same arithmetic per key as v2; the split count follows its occupancy; BSA as v2),
- * anything else v2. Read on every call so a benchmark or test can switch between calls. */
+/* Decode kernel version from IHIP_ATTN_DECODE: "v1" the first kernels (for comparison), "v2"
+ * the fp32 kernels, "v3" v2 with the dense G <= 4 kernels limited to 128 registers (4 blocks
+ * per SM instead of 3; BSA as v2), "v4" v2 with the dense kernels loading the next step's K/V
+ * before the current step's math (same arithmetic per key as v2; the split count follows its
+ * occupancy; BSA as v2); unset or anything else (0): BSA on the tensor-core decode kernel
+ * (attn-decode-mma.cu) where it supports the shape, else v2; dense v2. Read on every call so a
+ * benchmark or test can switch between calls. */
 static int ak_decode_version(void)
 {
     const char *e = getenv("IHIP_ATTN_DECODE");
     if (e && !strcmp(e, "v1")) return 1;
+    if (e && !strcmp(e, "v2")) return 2;
     if (e && !strcmp(e, "v3")) return 3;
     if (e && !strcmp(e, "v4")) return 4;
-    return 2;
+    return 0;
 }
 
 template <bool DENSE>

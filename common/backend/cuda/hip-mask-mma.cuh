@@ -29,26 +29,9 @@
  * n_rot = d: e, e + d/2) are in the same lane.
  */
 
-#include <cuda_bf16.h>
+#include "attn-mma.cuh" /* pf_pack (two floats -> bf16x2, lo in the low half), pf_mma */
 
 #define MMA_CH 4 /* candidate chunks per CTA: 4 chunks x (left, right) = the 8 columns of n8 */
-
-static __device__ __forceinline__ uint32_t mm_pack(float lo, float hi)
-{
-    /* two floats -> bf16x2 (round to nearest even, one cvt.rn.bf16x2.f32), lo in the low half
-     * (= the lower k index) */
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&h);
-}
-
-static __device__ __forceinline__ void mm_mma(float c[4], const uint32_t a[4], uint32_t b0,
-                                              uint32_t b1)
-{
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 /* 8 key elements (one 16-byte bf16 word or 8 fp8 bytes in w[0..1]) -> float; zero if !have */
 static __device__ __forceinline__ void mm_decode(const uint32_t w[4], bool fp8, float sc, bool have,
@@ -106,14 +89,14 @@ static __device__ __forceinline__ void mm_load_a(uint32_t a[2 * Q][4],
             y1 = s[1];
         }
         /* k-step 2q: dims +0..3; k-step 2q+1: dims +4..7 */
-        a[2 * q][0] = mm_pack(x0.x, x0.y);
-        a[2 * q][1] = mm_pack(y0.x, y0.y);
-        a[2 * q][2] = mm_pack(x0.z, x0.w);
-        a[2 * q][3] = mm_pack(y0.z, y0.w);
-        a[2 * q + 1][0] = mm_pack(x1.x, x1.y);
-        a[2 * q + 1][1] = mm_pack(y1.x, y1.y);
-        a[2 * q + 1][2] = mm_pack(x1.z, x1.w);
-        a[2 * q + 1][3] = mm_pack(y1.z, y1.w);
+        a[2 * q][0] = pf_pack(x0.x, x0.y);
+        a[2 * q][1] = pf_pack(y0.x, y0.y);
+        a[2 * q][2] = pf_pack(x0.z, x0.w);
+        a[2 * q][3] = pf_pack(y0.z, y0.w);
+        a[2 * q + 1][0] = pf_pack(x1.x, x1.y);
+        a[2 * q + 1][1] = pf_pack(y1.x, y1.y);
+        a[2 * q + 1][2] = pf_pack(x1.z, x1.w);
+        a[2 * q + 1][3] = pf_pack(y1.z, y1.w);
     }
 }
 
@@ -318,14 +301,14 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
                         x[k] = __fsub_rn(__fmul_rn(u, c.x), __fmul_rn(w, c.y));
                         y[k] = __fadd_rn(__fmul_rn(u, c.y), __fmul_rn(w, c.x));
                     }
-                    bk[2 * q][0] = mm_pack(x[0], x[1]);
-                    bk[2 * q][1] = mm_pack(x[2], x[3]);
-                    bk[2 * q + 1][0] = mm_pack(x[4], x[5]);
-                    bk[2 * q + 1][1] = mm_pack(x[6], x[7]);
-                    bk[2 * q + Q][0] = mm_pack(y[0], y[1]);
-                    bk[2 * q + Q][1] = mm_pack(y[2], y[3]);
-                    bk[2 * q + Q + 1][0] = mm_pack(y[4], y[5]);
-                    bk[2 * q + Q + 1][1] = mm_pack(y[6], y[7]);
+                    bk[2 * q][0] = pf_pack(x[0], x[1]);
+                    bk[2 * q][1] = pf_pack(x[2], x[3]);
+                    bk[2 * q + 1][0] = pf_pack(x[4], x[5]);
+                    bk[2 * q + 1][1] = pf_pack(x[6], x[7]);
+                    bk[2 * q + Q][0] = pf_pack(y[0], y[1]);
+                    bk[2 * q + Q][1] = pf_pack(y[2], y[3]);
+                    bk[2 * q + Q + 1][0] = pf_pack(y[4], y[5]);
+                    bk[2 * q + Q + 1][1] = pf_pack(y[6], y[7]);
                 }
             } else {
 #pragma unroll
@@ -333,10 +316,10 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
                     float x[8];
                     mm_decode(raw[q], fp8, kv.k_scale, have, x);
                     if (rope.on) mm_rope_norm(x, 32 * q + 8 * tig, cs, rope.n_rot, n_fused);
-                    bk[2 * q][0] = mm_pack(x[0], x[1]);
-                    bk[2 * q][1] = mm_pack(x[2], x[3]);
-                    bk[2 * q + 1][0] = mm_pack(x[4], x[5]);
-                    bk[2 * q + 1][1] = mm_pack(x[6], x[7]);
+                    bk[2 * q][0] = pf_pack(x[0], x[1]);
+                    bk[2 * q][1] = pf_pack(x[2], x[3]);
+                    bk[2 * q + 1][0] = pf_pack(x[4], x[5]);
+                    bk[2 * q + 1][1] = pf_pack(x[6], x[7]);
                 }
             }
             /* dots; this lane: rows gid, gid+8 of columns 2tig (left) and 2tig+1 (right) */
@@ -346,7 +329,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
                 float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (int ks = 0; ks < 2 * Q; ks++)
-                    mm_mma(acc, a[ks], bk[ks][0], bk[ks][1]);
+                    pf_mma(acc, a[ks], bk[ks][0], bk[ks][1]);
                 if (p.score_bf16) {
 #pragma unroll
                     for (int x = 0; x < 4; x++)
