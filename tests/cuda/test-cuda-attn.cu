@@ -513,6 +513,11 @@ int main(int argc, char **argv)
         {KIND_BSA, 300000, 1, 32, 8, 128, BF, 64, true, NORM, MASK_RANDOM, true},
         {KIND_BSA, 300000, 1, 24, 3, 128, F8, 0, false, NEOX, MASK_RANDOM, false},
         {KIND_BSA, 300000, 64, 9, 3, 64, F8, 0, false, NORM, MASK_RANDOM, true},
+        /* the tensor-core BSA decode with G = 8 at d 64, and without extend (distances past the
+         * cos/sin table: the angles computed directly) in bf16 and fp8 */
+        {KIND_BSA, 8205, 1, 16, 2, 64, BF, 16, false, NORM, MASK_RANDOM, true},
+        {KIND_BSA, 70000, 1, 32, 8, 128, BF, 64, false, NORM, MASK_RANDOM, false},
+        {KIND_BSA, 70000, 1, 9, 3, 64, F8, 0, true, NORM, MASK_RANDOM, false},
     };
     check_errors();
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_case(&cases[i]);
