@@ -130,9 +130,8 @@ int decode_gpu_init(cm_err *err)
     gpu.spill_buf = calloc((size_t)gpu.n_slots, sizeof(void *));
     gpu.bound = calloc((size_t)gpu.n_slots, sizeof(*gpu.bound));
     gpu.spill_seen = kvstore_spill_count(decode_g.kv);
-    if (!gpu.bound) return cm_err_set(err, -ENOMEM, "out of memory");
     gpu.logits = malloc(sizeof(float) * (size_t)gpu.n_slots * (size_t)hp->n_vocab);
-    if (!gpu.slot_used || !gpu.spill_buf || !gpu.logits)
+    if (!gpu.slot_used || !gpu.spill_buf || !gpu.bound || !gpu.logits)
         return cm_err_set(err, -ENOMEM, "out of memory");
     gpu.st.kv_bytes = cuda_ctx_kv_bytes(gpu.ctx);
     gpu.st.model_bytes = cuda_model_bytes(gpu.model);

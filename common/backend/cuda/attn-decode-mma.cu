@@ -45,6 +45,8 @@
 
 #define DM_NW 4  /* warps per block */
 #define DM_TK 16 /* keys per warp tile */
+/* ak_decode_split rounds a split to whole multiples of ATTN_NW tiles: one per warp */
+static_assert(DM_NW == ATTN_NW, "the split sizes assume ATTN_NW warps per block");
 
 template <int D>
 struct dm_layout {
@@ -54,33 +56,6 @@ struct dm_layout {
     static constexpr size_t merge = sizeof(float) * (DM_NW * 8 * (3 + AS) + 16); /* m, l, acc, f; M, L */
     static constexpr size_t bytes = DM_NW * vtile + merge;
 };
-
-/* Raw 8 elements of a row at element e (16 bytes bf16 / 8 bytes fp8, dtype fixed at compile
- * time: one instantiation per dtype keeps the hot loop small) and their fp32 values. */
-template <bool FP8>
-static __device__ __forceinline__ uint4 dm_load(const uint8_t *row, int e)
-{
-    if (!FP8) return __ldg((const uint4 *)((const uint16_t *)row + e));
-    uint2 r = __ldg((const uint2 *)(row + e));
-    return make_uint4(r.x, r.y, 0u, 0u);
-}
-
-template <bool FP8>
-static __device__ __forceinline__ void dm_unpack(uint4 r, float scale, float x[8])
-{
-    if (!FP8) {
-        const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            x[2 * j] = __uint_as_float(w[j] << 16);
-            x[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
-        }
-    } else {
-        const uint32_t w[2] = {r.x, r.y};
-#pragma unroll
-        for (int j = 0; j < 8; j++) x[j] = ak_fp8((w[j >> 2] >> (8 * (j & 3))) & 0xffu) * scale;
-    }
-}
 
 /* cos/sin of frequencies f..f+3 at distance dist in the table's convention (sin of p - vpos),
  * computed directly (distances past the table, or a table of other frequencies). Rarely run;
@@ -179,7 +154,7 @@ static __device__ __forceinline__ void dm_body(const attn_params &P)
             if (ok) ak_rows(P, tt, g, &kp, &vq);
 #pragma unroll
             for (int i = 0; i < QL / 8; i++)
-                kr[t][i] = ok ? dm_load<FP8>(kp, QL * tig + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
+                kr[t][i] = ok ? ak_load_raw_t<FP8>(kp, QL * tig + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
             uint16_t *vrow = vt + (size_t)(t * 8 + gid) * VS + QL * tig;
             if constexpr (!FP8) {
 #pragma unroll
@@ -189,8 +164,8 @@ static __device__ __forceinline__ void dm_body(const attn_params &P)
 #pragma unroll
                 for (int i = 0; i < QL / 8; i++) {
                     float v[8];
-                    uint4 raw = ok ? dm_load<FP8>(vq, QL * tig + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
-                    dm_unpack<FP8>(raw, P.v_scale, v);
+                    uint4 raw = ok ? ak_load_raw_t<FP8>(vq, QL * tig + 8 * i) : make_uint4(0u, 0u, 0u, 0u);
+                    ak_unpack_t<FP8>(raw, P.v_scale, v);
                     *(uint4 *)(vrow + 8 * i) = make_uint4(pf_pack(v[0], v[1]), pf_pack(v[2], v[3]),
                                                           pf_pack(v[4], v[5]), pf_pack(v[6], v[7]));
                 }
@@ -205,7 +180,7 @@ static __device__ __forceinline__ void dm_body(const attn_params &P)
 #pragma unroll
             for (int i = 0; i < QL / 8; i++) {
                 float k[8];
-                dm_unpack<FP8>(kr[t][i], P.k_scale, k);
+                ak_unpack_t<FP8>(kr[t][i], P.k_scale, k);
                 if (rope) {
                     float4 c01 = make_float4(1.0f, 0.0f, 1.0f, 0.0f), c23 = c01;
                     if (tab[t]) {
@@ -357,10 +332,7 @@ static int dm_launch(attn_params &P, long long n_keys, cuda_hip_work *w, cudaStr
     dim3 grid((unsigned)P.n_split, (unsigned)P.hkv);
     dm_kernel<D, FP8><<<grid, DM_NW * 32, smem, st>>>(P);
     CUDA_TRY(cudaGetLastError());
-    ak_merge_kernel<<<P.H, D, ak_merge_smem(P.n_split), st>>>(P.part_ml, P.part_acc, P.n_split,
-                                                             D, P.out);
-    CUDA_TRY(cudaGetLastError());
-    return 0;
+    return ak_launch_merge(P, st);
 }
 
 int ak_bsa_decode_mma(attn_params *P, long long n_keys, cuda_hip_work *w, cudaStream_t st)

@@ -95,18 +95,26 @@ static __device__ __forceinline__ float ak_fp8(uint32_t b)
     return __uint_as_float(__float_as_uint(v) | sign);
 }
 
-/* Raw 8 elements (16 bytes bf16 / 8 bytes fp8) at element e of a row from ak_rows. */
-static __device__ __forceinline__ uint4 ak_load_raw(const attn_params &P, const uint8_t *row, int e)
+/* Raw 8 elements (16 bytes bf16 / 8 bytes fp8) at element e of a row from ak_rows, the dtype
+ * fixed at compile time (FP8) or taken from P. */
+template <bool FP8>
+static __device__ __forceinline__ uint4 ak_load_raw_t(const uint8_t *row, int e)
 {
-    if (P.dtype == CUDA_KV_BF16) return __ldg((const uint4 *)((const uint16_t *)row + e));
+    if (!FP8) return __ldg((const uint4 *)((const uint16_t *)row + e));
     uint2 r = __ldg((const uint2 *)(row + e));
     return make_uint4(r.x, r.y, 0u, 0u);
 }
 
-static __device__ __forceinline__ void ak_unpack(const attn_params &P, uint4 r, float scale,
-                                                 float x[8])
+static __device__ __forceinline__ uint4 ak_load_raw(const attn_params &P, const uint8_t *row, int e)
 {
-    if (P.dtype == CUDA_KV_BF16) {
+    return P.dtype == CUDA_KV_BF16 ? ak_load_raw_t<false>(row, e) : ak_load_raw_t<true>(row, e);
+}
+
+/* The 8 elements of ak_load_raw as floats (fp8: times scale). */
+template <bool FP8>
+static __device__ __forceinline__ void ak_unpack_t(uint4 r, float scale, float x[8])
+{
+    if (!FP8) {
         uint32_t w[4] = {r.x, r.y, r.z, r.w};
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -118,6 +126,13 @@ static __device__ __forceinline__ void ak_unpack(const attn_params &P, uint4 r, 
 #pragma unroll
         for (int j = 0; j < 8; j++) x[j] = ak_fp8((w[j >> 2] >> (8 * (j & 3))) & 0xffu) * scale;
     }
+}
+
+static __device__ __forceinline__ void ak_unpack(const attn_params &P, uint4 r, float scale,
+                                                 float x[8])
+{
+    if (P.dtype == CUDA_KV_BF16) ak_unpack_t<false>(r, scale, x);
+    else ak_unpack_t<true>(r, scale, x);
 }
 
 /* cos/sin of pos * inv_freq: the angle in double, reduced to [-pi, pi] before the float sincos. */
@@ -1086,6 +1101,16 @@ static int ak_decode_split(attn_params *P, long long n_keys, int blocks_per_sm, 
     return 0;
 }
 
+/* The split merge of a decode launch (one block of d threads per head): P.out from the
+ * partials the split kernel wrote. */
+static int ak_launch_merge(const attn_params &P, cudaStream_t st)
+{
+    ak_merge_kernel<<<P.H, P.d, ak_merge_smem(P.n_split), st>>>(P.part_ml, P.part_acc, P.n_split,
+                                                               P.d, P.out);
+    CUDA_TRY(cudaGetLastError());
+    return 0;
+}
+
 template <int D, int MAXG, bool DENSE, bool V2, int MINB, bool PRE>
 static int ak_launch_decode_t(attn_params &P, long long n_keys, cuda_hip_work *w, cudaStream_t st)
 {
@@ -1126,10 +1151,7 @@ static int ak_launch_decode_t(attn_params &P, long long n_keys, cuda_hip_work *w
     dim3 grid((unsigned)P.n_split, (unsigned)P.hkv);
     KFN<<<grid, ATTN_NW * 32, smem, st>>>(P);
     CUDA_TRY(cudaGetLastError());
-    ak_merge_kernel<<<P.H, D, ak_merge_smem(P.n_split), st>>>(P.part_ml, P.part_acc, P.n_split,
-                                                             D, P.out);
-    CUDA_TRY(cudaGetLastError());
-    return 0;
+    return ak_launch_merge(P, st);
 }
 
 /* MINB4: G <= 4 kernels compiled for 4 blocks per SM (<= 128 registers); PRE: prefetching

@@ -125,6 +125,15 @@ static inline __host__ __device__ int cuda_pc_offset(int slot, int lc)
     return (slot + 1 + (slot >= 7 ? 1 : 0)) * (lc / 16);
 }
 
+/* Byte offset in a probe cache ([chunks][CUDA_PC_SLOTS][hkv][row_bytes]) of the row of chunk j,
+ * slot, KV head g. */
+static inline __host__ __device__ size_t cuda_pc_row_off(long long j, int slot, int hkv, int g,
+                                                        int row_bytes)
+{
+    return (((size_t)j * CUDA_PC_SLOTS + (size_t)slot) * (size_t)hkv + (size_t)g) *
+           (size_t)row_bytes;
+}
+
 /* Slot of the key at offset o of a chunk, or -1 when the cache does not keep it. */
 static inline __host__ __device__ int cuda_pc_slot(unsigned o, int lc)
 {

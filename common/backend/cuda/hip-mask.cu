@@ -234,9 +234,7 @@ static __device__ __forceinline__ const uint8_t *kv_key(const mask_kv &kv, int64
         const unsigned long long j = r / (unsigned)kv.pc_lc;
         const int slot = cuda_pc_slot((unsigned)(r - j * (unsigned)kv.pc_lc), kv.pc_lc);
         if (j < (unsigned long long)kv.pc_chunks && slot >= 0 && kv.pc_ok[j])
-            return kv.pc + ((j * CUDA_PC_SLOTS + (unsigned)slot) * (unsigned long long)kv.a.hkv +
-                            (unsigned)g) *
-                               (unsigned long long)kv.a.row_bytes;
+            return kv.pc + cuda_pc_row_off((long long)j, slot, kv.a.hkv, g, kv.a.row_bytes);
     }
     return cuda_kv_krow(kv.a, t, g);
 }

@@ -200,9 +200,9 @@ cuda_kv_view paged_view(const cuda_ctx *c, int il, int seq, int64_t n_kv, bool s
 int paged_check_room(const cuda_ctx *c, int seq, int64_t pos0, int64_t n, cm_err *err);
 /* Store the K/V of rows (slot = seq * n_ctx + pos) of layer il into their pages. */
 void paged_store(cuda_ctx *c, int il, const float *qkv, int64_t n);
-/* After a decode refresh of (seq, layer) starting at stage fs: update the caches. */
 /* Before a mask estimation of layer il: wait for its keys-only cache update in flight. */
 int paged_before_mask(cuda_ctx *c, int il);
+/* After a decode refresh of (seq, layer) starting at stage fs: update the caches. */
 int paged_after_refresh(cuda_ctx *c, int il, int seq, int fs, const cuda_hip_mask *m,
                         int64_t n_kv);
 /* Before rows at [pos0, pos0 + n) of seq are stored: flushed pages whose ring slots they reuse

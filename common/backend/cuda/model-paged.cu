@@ -715,23 +715,18 @@ int paged_before_mask(cuda_ctx *c, int il)
 /* ---- stage-0 probe cache --------------------------------------------------------------------- */
 
 /* One block per chunk j in [j0, j0 + gridDim.x): copy the probe keys of every KV head from
- * their homes (HOME_K page pointers) into the cache, then mark the chunk. */
-static __global__ void pc_fill_kernel(const unsigned long long *tab_home_k, int pt, long long base,
-                                      int lc, int hkv, int row_bytes, long long j0, uint8_t *pc,
-                                      uint8_t *ok)
+ * their homes (home: the HOME_K page pointers, K only) into the cache, then mark the chunk. */
+static __global__ void pc_fill_kernel(cuda_kv_addr home, long long base, int lc, long long j0,
+                                      uint8_t *pc, uint8_t *ok)
 {
     const long long j = j0 + blockIdx.x;
-    const int vec = row_bytes / 16;
+    const int hkv = home.hkv, vec = home.row_bytes / 16;
     const int n = CUDA_PC_SLOTS * hkv * vec;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const int slot = i / (hkv * vec), g = (i / vec) % hkv, v = i % vec;
         const long long t = base + j * lc + cuda_pc_offset(slot, lc);
-        const uint8_t *home = (const uint8_t *)(uintptr_t)tab_home_k[t / pt];
-        const uint4 *src =
-            (const uint4 *)(home + ((size_t)g * (size_t)pt + (size_t)(t % pt)) * (size_t)row_bytes);
-        uint4 *dst = (uint4 *)(pc + (((size_t)j * CUDA_PC_SLOTS + (size_t)slot) * (size_t)hkv +
-                                     (size_t)g) *
-                                        (size_t)row_bytes);
+        const uint4 *src = (const uint4 *)cuda_kv_krow(home, t, g);
+        uint4 *dst = (uint4 *)(pc + cuda_pc_row_off(j, slot, hkv, g, home.row_bytes));
         dst[v] = src[v];
     }
     __syncthreads();
@@ -744,8 +739,11 @@ static int pc_fill(cuda_ctx *c, int seq, int64_t n_tokens)
     cuda_paged *pg = c->pg;
     if (!pg->pc_dev) return 0;
     const int n_layer = (int)c->m->hp.n_layer;
-    const int hkv = (int)c->m->hp.n_head_kv;
-    const int row_bytes = (int)(c->m->hp.head_dim * c->kv_elem);
+    cuda_kv_addr home;
+    memset(&home, 0, sizeof(home));
+    home.page_tokens = pg->pt;
+    home.hkv = (int)c->m->hp.n_head_kv;
+    home.row_bytes = (int)(c->m->hp.head_dim * c->kv_elem);
     for (int il = 0; il < n_layer; il++) {
         if (!pg->pc_chunks[il]) continue;
         const int64_t full = n_tokens > pg->pc_base[il] ? (n_tokens - pg->pc_base[il]) / pg->pc_lc[il] : 0;
@@ -753,11 +751,11 @@ static int pc_fill(cuda_ctx *c, int seq, int64_t n_tokens)
         if (nj <= 0) continue;
         uint8_t *dst = pg->pc_dev + (size_t)seq * pg->pc_seq_bytes + pg->pc_off[il];
         uint8_t *ok = pg->pc_ok + (size_t)seq * pg->pc_seq_ok + pg->pc_okoff[il];
+        home.kptr = pg->tab + tab_index(c, seq, il, PT_HOME_K);
         for (int64_t j0 = 0; j0 < nj; j0 += 65535) {
             const unsigned nb = (unsigned)CM_MIN(nj - j0, (int64_t)65535);
-            pc_fill_kernel<<<nb, 256, 0, c->stream>>>(
-                pg->tab + tab_index(c, seq, il, PT_HOME_K), pg->pt, (long long)pg->pc_base[il],
-                pg->pc_lc[il], hkv, row_bytes, (long long)j0, dst, ok);
+            pc_fill_kernel<<<nb, 256, 0, c->stream>>>(home, (long long)pg->pc_base[il],
+                                                      pg->pc_lc[il], (long long)j0, dst, ok);
         }
         pg->st.pc_chunks += (uint64_t)nj;
     }
