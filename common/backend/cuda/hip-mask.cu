@@ -70,16 +70,14 @@ static __device__ __forceinline__ float bf16_to_f(uint32_t bits)
     return __uint_as_float((bits & 0xffffu) << 16);
 }
 
-/* fp8 e4m3 (no infinities; S.1111.111 is NaN) → float, exact. */
+/* fp8 e4m3 (no infinities; S.1111.111 is NaN) → float, exact and branch-free: the 7 value
+ * bits placed at float bits 20..26 read as 2^(e - 127) (1 + m/8) (e > 0) or m 2^-129 (e = 0,
+ * subnormal), and the exact product with 2^120 gives 2^(e - 7) (1 + m/8) or m 2^-9. */
 static __device__ __forceinline__ float fp8_to_f(uint32_t x)
 {
-    x &= 0xffu;
-    uint32_t sign = (x & 0x80u) << 24, e = (x >> 3) & 0xfu, man = x & 7u;
-    if (e == 0xfu && man == 7u) return __uint_as_float(sign | 0x7fc00000u);
-    float v;
-    if (e == 0) v = (float)man * 0.001953125f; /* man * 2^-9 */
-    else v = __uint_as_float(((e + 120u) << 23) | (man << 20));
-    return sign ? -v : v;
+    const uint32_t mag = x & 0x7fu;
+    const float v = __fmul_rn(__uint_as_float(((x & 0x80u) << 24) | (mag << 20)), 0x1p120f);
+    return mag == 0x7fu ? __uint_as_float(0x7fc00000u) : v;
 }
 
 /* The rope parameters every kernel needs. */
@@ -421,15 +419,21 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32)
 /* ---- scan, fast path (d 64 or 128; no RoPE, or the relative / chunk pruning positions) ------- */
 
 /* The same descent and head reduction as scan_kernel, same float operations in the same order,
- * organized for latency: lane j of half-warp `side` holds elements j, j+16, ... of its probe key
- * (side 0: left, 1: right) in registers, loaded with 2-byte (bf16) or 1-byte (fp8) coalesced
- * loads, rotated in registers (the NORM pair partner is one shuffle away, the NEOX partner is in
- * the same lane) with cos/sin put in shared memory once per CTA (the pruning position is
- * constant per side in the relative mode and per chunk in the chunk mode), dotted in hip_dot's
- * lane order. Both halves run the same instructions, so the two probe loads of a pass are in
- * flight together (the divergent per-side branches of scan_kernel serialize them), and a pass
- * needs no shared-memory store or warp barrier. 48 registers (5 CTAs per SM). M = head_dim / 16. */
-template <int M, int NH>
+ * organized for latency and instruction count: lane j of half-warp `side` holds elements j,
+ * j+16, ... of its probe key (side 0: left, 1: right) in registers, loaded with 2-byte (bf16) or
+ * 1-byte (fp8) coalesced loads, rotated in registers (the NORM pair partner is one shuffle away,
+ * the NEOX partner is in the same lane) with cos/sin put in shared memory once per CTA (the
+ * pruning position is constant per side in the relative mode and per chunk in the chunk mode),
+ * dotted in hip_dot's lane order. Both halves run the same instructions, so the two probe loads
+ * of a pass are in flight together, and a pass needs no shared-memory store or warp barrier.
+ * The descent runs in 32-bit offsets from the candidate's start L0 (exact: for x >= 0,
+ * (2 L0 + x) / 2 = L0 + x / 2), the KV head, probe-row and (contiguous K) key-row bases of a
+ * head are computed once, and NORM = true (NORM rotation of every pair, n_rot = d, all pairs
+ * in cpu_rope_apply's fmaddsub groups: the Llama case) rotates element e as
+ * fma(x, c, partner * s') with s' = -s for even e (= -(partner * s) exactly) and s for odd e:
+ * branch-free, ~4 instructions per element (the H200 profile of the general form: the kernel
+ * was issue-bound at ~980 instructions per pass of two heads). M = head_dim / 16. */
+template <int M, int NH, bool NORM>
 static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
     scan_fast_kernel(mask_stage_params p, mask_rope rope, mask_kv kv)
 {
@@ -458,7 +462,20 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
     const int sub = lane & 15, side = lane >> 4;
     const bool neox = rope.style == CPU_ROPE_NEOX;
 
-    /* cos/sin of this lane's pairs at its side's pruning position */
+    /* offsets from L0: l = L0 + lo, r = L0 + ro; a span past 2^30 (never a valid chunk) is
+     * clamped so that the arithmetic stays in 32 bits */
+    const int64_t big = (int64_t)1 << 30;
+    const int span = (int)max((int64_t)-1, min(R0 - L0, big));
+    const int lim_thr = (int)max((int64_t)-1, min(thr - L0, big)); /* l <= thr: lo <= lim_thr */
+    const int lim_T = (int)max((int64_t)0, min(p.T - L0, big + 1)); /* key < T: off < lim_T */
+    const bool l0_ok = L0 >= 0;
+    const bool bf16 = kv.dtype == CUDA_KV_BF16;
+    const int esub = bf16 ? 2 * sub : sub;
+    const bool contig = !kv.pc && !kv.a.kptr && !kv.a.page;
+    const size_t tstride = (size_t)kv.a.hkv * (size_t)kv.a.row_bytes;
+
+    /* cos/sin of this lane's pairs at its side's pruning position (NORM: sin signed per
+     * element, see above) */
     __shared__ float2 cs_s[2][16 * M]; /* [side][element] */
     {
         for (int x = threadIdx.x; x < 2 * 16 * M; x += blockDim.x) {
@@ -469,7 +486,9 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
                 if (neox) i = e < 8 * M ? e : -1; /* n_rot == d: pair (e, e + d/2) */
                 else if (e < rope.n_rot) i = e >> 1;
             }
-            cs_s[sd][e] = i >= 0 ? rope_cs(rope, pos, i) : make_float2(1.0f, 0.0f);
+            float2 v = i >= 0 ? rope_cs(rope, pos, i) : make_float2(1.0f, 0.0f);
+            if (NORM && (e & 1) == 0) v.y = -v.y;
+            cs_s[sd][e] = v;
         }
         __syncthreads();
     }
@@ -478,44 +497,49 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
 
     /* NH heads per warp in lockstep (h, h + 8, ...): their loads are in flight together */
     for (int h0 = warp; h0 < H; h0 += MASK_SCAN_WARPS * NH) {
-        int64_t l[NH], r[NH];
+        int lo[NH], ro[NH], gh[NH];
         float best[NH];
         bool any[NH], alive[NH];
+        const float *rw[NH];   /* probe rows of the head, from element sub on */
+        const uint8_t *kb[NH]; /* contiguous K: key 0 of the head's KV head, from element sub on */
 #pragma unroll
         for (int j = 0; j < NH; j++) {
-            l[j] = L0;
-            r[j] = R0;
+            lo[j] = 0;
+            ro[j] = span;
             best[j] = MASK_SCORE_INIT;
             any[j] = false;
             alive[j] = h0 + j * MASK_SCAN_WARPS < H;
+            const int hj = min(h0 + j * MASK_SCAN_WARPS, H - 1);
+            gh[j] = hj / p.G;
+            rw[j] = p.rows + ((size_t)b * H + hj) * p.rmax * (size_t)d + sub;
+            kb[j] = contig ? kv.a.k + (size_t)gh[j] * (size_t)kv.a.row_bytes + esub : nullptr;
         }
         int n_pass = 1;
-        while (((int64_t)1 << (n_pass - 1)) < R0 - L0) n_pass++;
+        while ((1 << (n_pass - 1)) < span) n_pass++;
         for (int it = 0; it < n_pass; it++) {
             bool some = false;
 #pragma unroll
             for (int j = 0; j < NH; j++) {
-                if (!(l[j] <= thr && l[j] < r[j] && l[j] >= 0)) alive[j] = false; /* = break */
+                if (!(lo[j] <= lim_thr && lo[j] < ro[j] && l0_ok)) alive[j] = false; /* = break */
                 some |= alive[j];
             }
             if (!some) break;
-            int64_t mid[NH];
+            int mo[NH];
             bool hl[NH], hr[NH], have[NH];
             float v[NH][M];
             const uint8_t *row[NH]; /* the probed key's row, from element sub on */
 #pragma unroll
             for (int j = 0; j < NH; j++) {
-                mid[j] = (l[j] + r[j]) / 2;
-                const int64_t pl = (l[j] + mid[j]) / 2, pr = (mid[j] + r[j]) / 2;
-                hl[j] = alive[j] && pl < p.T;
-                hr[j] = alive[j] && pr < p.T;
+                mo[j] = (lo[j] + ro[j]) >> 1; /* both >= 0 while alive */
+                const int pl = (lo[j] + mo[j]) >> 1, pr = (mo[j] + ro[j]) >> 1;
+                hl[j] = alive[j] && pl < lim_T;
+                hr[j] = alive[j] && pr < lim_T;
                 have[j] = side ? hr[j] : hl[j];
                 /* branch-free: a key that is not probed loads token 0 (valid) and is zeroed */
-                const int64_t t = have[j] ? (side ? pr : pl) : 0;
-                const int g = min(h0 + j * MASK_SCAN_WARPS, H - 1) / p.G;
-                row[j] = kv_key(kv, t, g) + (kv.dtype == CUDA_KV_BF16 ? 2 * sub : sub);
+                const int64_t t = have[j] ? L0 + (side ? pr : pl) : 0;
+                row[j] = contig ? kb[j] + (size_t)t * tstride : kv_key(kv, t, gh[j]) + esub;
             }
-            if (kv.dtype == CUDA_KV_BF16) {
+            if (bf16) {
                 uint32_t raw[NH][M];
 #pragma unroll
                 for (int j = 0; j < NH; j++)
@@ -537,7 +561,17 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
                     for (int m = 0; m < M; m++)
                         v[j][m] = have[j] ? __fmul_rn(fp8_to_f(raw[j][m]), kv.k_scale) : 0.0f;
             }
-            if (rope.on) {
+            if (NORM) {
+#pragma unroll
+                for (int m = 0; m < M; m++) {
+                    const float2 w = cs[16 * m];
+#pragma unroll
+                    for (int j = 0; j < NH; j++) {
+                        const float u = __shfl_xor_sync(0xffffffffu, v[j][m], 1); /* pair partner */
+                        v[j][m] = __fmaf_rn(v[j][m], w.x, __fmul_rn(u, w.y));
+                    }
+                }
+            } else if (rope.on) {
 #pragma unroll
                 for (int j = 0; j < NH; j++) {
                     if (neox) {
@@ -572,12 +606,10 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
             for (int rr = 0; rr < nrow; rr++) {
 #pragma unroll
                 for (int j = 0; j < NH; j++) {
-                    const int hj = min(h0 + j * MASK_SCAN_WARPS, H - 1);
-                    const float *__restrict__ row =
-                        p.rows + (((size_t)b * H + hj) * p.rmax + rr) * (size_t)d + sub;
+                    const float *__restrict__ pr = rw[j] + (size_t)rr * d;
                     float acc = 0.0f;
 #pragma unroll
-                    for (int m = 0; m < M; m++) acc = __fmaf_rn(row[16 * m], v[j][m], acc);
+                    for (int m = 0; m < M; m++) acc = __fmaf_rn(pr[16 * m], v[j][m], acc);
                     acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 8, 16));
                     acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 4, 16));
                     acc = __fadd_rn(acc, __shfl_down_sync(0xffffffffu, acc, 2, 16));
@@ -594,10 +626,10 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
                 if (!hr[j]) sr = -INFINITY;
                 float win;
                 if (sl > sr) {
-                    r[j] = mid[j];
+                    ro[j] = mo[j];
                     win = sl;
                 } else {
-                    l[j] = mid[j];
+                    lo[j] = mo[j];
                     win = sr;
                 }
                 if (!any[j] || win > best[j]) best[j] = win;
@@ -609,7 +641,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
             for (int j = 0; j < NH; j++) {
                 const int h = h0 + j * MASK_SCAN_WARPS;
                 if (h < H) {
-                    hrep[h] = l[j];
+                    hrep[h] = L0 + lo[j];
                     hbest[h] = best[j];
                     hany[h] = any[j];
                 }
@@ -1007,6 +1039,24 @@ static int next_pow2(int64_t x)
     return p;
 }
 
+/* scan_fast_kernel<d / 16, heads per warp, NORM> */
+template <int M, int NH>
+static void scan_fast_launch_m(bool norm, dim3 grid, size_t smem, cudaStream_t st,
+                               const mask_stage_params &p, const mask_rope &rope, const mask_kv &kv)
+{
+    if (norm) scan_fast_kernel<M, NH, true><<<grid, MASK_SCAN_WARPS * 32, smem, st>>>(p, rope, kv);
+    else scan_fast_kernel<M, NH, false><<<grid, MASK_SCAN_WARPS * 32, smem, st>>>(p, rope, kv);
+}
+
+static void scan_fast_launch(int m, int nh, bool norm, dim3 grid, size_t smem, cudaStream_t st,
+                             const mask_stage_params &p, const mask_rope &rope, const mask_kv &kv)
+{
+    if (m == 8 && nh == 2) scan_fast_launch_m<8, 2>(norm, grid, smem, st, p, rope, kv);
+    else if (m == 8) scan_fast_launch_m<8, 1>(norm, grid, smem, st, p, rope, kv);
+    else if (nh == 2) scan_fast_launch_m<4, 2>(norm, grid, smem, st, p, rope, kv);
+    else scan_fast_launch_m<4, 1>(norm, grid, smem, st, p, rope, kv);
+}
+
 int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t pos0,
                            int64_t n_tok, int first_stage, cuda_hip_mask *m, cuda_hip_work *w,
                            void *stream)
@@ -1064,6 +1114,7 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
     /* scan kernel: the fast one where it applies (2 heads per warp in lockstep), unless
      * IHIP_MASK_SCAN=old (scan_kernel) or IHIP_MASK_SCAN=fast1 (1 head per warp) */
     int fast = 0, nh = 2;
+    bool norm = false;
     /* prefill (n_tok > 1) with IHIP_MASK_PREFILL=mma or mma0: the tensor-core scan
      * (hip-mask-mma.cuh, bf16 dots, not bit-exact) where it applies. mma0: stage 0 only. mma:
      * every stage in layers pruned with relative positions, stage 0 only in chunk-indexed ones
@@ -1077,6 +1128,8 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
         if (e && strcmp(e, "fast1") == 0) nh = 1;
         const bool rope_ok = !cr || (a->using_extend && (cr->style != CPU_ROPE_NEOX || cr->n_rot == d));
         if (!want_old && rope_ok && (d == 64 || d == 128)) fast = d / 16;
+        /* every pair NORM-rotated by fmaddsub (scan_fast_kernel's branch-free form) */
+        norm = cr && cr->style != CPU_ROPE_NEOX && cr->n_rot == d && (cr->n_rot / 2) % 4 == 0;
         const char *em = getenv("IHIP_MASK_PREFILL");
         if (em && n_tok > 1 && rope_ok && (d == 64 || d == 128)) {
             if (strcmp(em, "mma") == 0) mma_stages = a->layer->scan_rope == HIP_SCAN_CHUNK ? 1 : S;
@@ -1187,14 +1240,8 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
                     scan_mma_kernel<2><<<mgrid, MASK_SCAN_WARPS * 32, msm, st>>>(p, rope, mkv, frag, MT, n_grp,
                                                                                 (int)n_qblk);
                 }
-            } else if (fast == 8 && nh == 2) {
-                scan_fast_kernel<8, 2><<<grid, MASK_SCAN_WARPS * 32, fsm, st>>>(p, rope, mkv);
-            } else if (fast == 8) {
-                scan_fast_kernel<8, 1><<<grid, MASK_SCAN_WARPS * 32, fsm, st>>>(p, rope, mkv);
-            } else if (fast == 4 && nh == 2) {
-                scan_fast_kernel<4, 2><<<grid, MASK_SCAN_WARPS * 32, fsm, st>>>(p, rope, mkv);
-            } else if (fast == 4) {
-                scan_fast_kernel<4, 1><<<grid, MASK_SCAN_WARPS * 32, fsm, st>>>(p, rope, mkv);
+            } else if (fast) {
+                scan_fast_launch(fast, nh, norm, grid, fsm, st, p, rope, mkv);
             } else {
                 size_t smem = 16 * (size_t)H + sizeof(float) * 2 * (size_t)d * MASK_SCAN_WARPS;
                 scan_kernel<<<grid, MASK_SCAN_WARPS * 32, smem, st>>>(p, rope, mkv);
