@@ -8,12 +8,14 @@
  * (64..256 queries, not multiples of the block) and decode (1 query; a full run, then refreshes
  * from the cached stage-1 and stage-2 inputs), with and without a page table, NEOX / NORM RoPE,
  * score_bf16 (many exact ties), odd head sizes, true positions (using_extend off), no RoPE.
- * Then the prefill cases again with IHIP_MASK_PREFILL=mma / mma0 (bf16 tensor-core scan, not
- * bit-exact) against the CPU with score_bf16: final block lists compared by overlap, bounded by
- * the CPU's own overlap under a 2^-8 perturbation of the queries (see NOTES-mask.md).
+ * Then the prefill cases again with IHIP_MASK_PREFILL=mma (relative layers: probe rows rotated,
+ * scan_mmr_kernel), mma with IHIP_MASK_MMR=0 (keys rotated, scan_mma_kernel) and mma0 (bf16
+ * tensor-core scans, not bit-exact) against the CPU with score_bf16: final block lists compared
+ * by overlap, bounded by the CPU's own overlap under a 2^-8 perturbation of the queries (see
+ * NOTES-mask.md).
  * Then the time of one decode estimate (full refresh) of a Llama-3.1-8B layer at 128K and 1M
  * keys (median of 20, cudaEvents), next to cuda_attn_dense's decode on the same keys, and of a
- * 32K-query prefill estimate at 1M keys, exact vs IHIP_MASK_PREFILL=mma.
+ * 32K-query prefill estimate at 1M keys, exact vs IHIP_MASK_PREFILL=mma (both mma kernels).
  *
  *   test-cuda-mask [--quick] [--no-bench] [--seed N]
  * Exit 0 pass, 1 fail, 77 no GPU.
@@ -708,34 +710,39 @@ static void bench_prefill(int64_t T, cuda_hip_work *w)
     CK(cudaEventSynchronize(e1));
     CK(cudaEventElapsedTime(&ms_exact, e0, e1));
     REQ(cuda_hip_mask_download(&gm, &he, NULL) == 0, "download");
-    setenv("IHIP_MASK_PREFILL", "mma", 1);
-    for (int it = 0; it < 3; it++) {
-        CK(cudaEventRecord(e0, NULL));
-        REQ(cuda_hip_mask_estimate(&ga, q_dev, pos0, n_tok, 0, &gm, w, NULL) == 0, "prefill mma");
-        CK(cudaEventRecord(e1, NULL));
-        CK(cudaEventSynchronize(e1));
-        CK(cudaEventElapsedTime(&ms[it], e0, e1));
+    /* the mma scans: scan_mmr_kernel (default for this normal layer), then scan_mma_kernel */
+    for (int v = 0; v < 2; v++) {
+        setenv("IHIP_MASK_PREFILL", "mma", 1);
+        if (v == 1) setenv("IHIP_MASK_MMR", "0", 1);
+        for (int it = 0; it < 3; it++) {
+            CK(cudaEventRecord(e0, NULL));
+            REQ(cuda_hip_mask_estimate(&ga, q_dev, pos0, n_tok, 0, &gm, w, NULL) == 0, "prefill mma");
+            CK(cudaEventRecord(e1, NULL));
+            CK(cudaEventSynchronize(e1));
+            CK(cudaEventElapsedTime(&ms[it], e0, e1));
+        }
+        REQ(cuda_hip_mask_download(&gm, &hm, NULL) == 0, "download");
+        if (!getenv("IHIP_MASK_PROFILE")) {
+            setenv("IHIP_MASK_PROFILE", "1", 1);
+            fflush(stdout);
+            REQ(cuda_hip_mask_estimate(&ga, q_dev, pos0, n_tok, 0, &gm, w, NULL) == 0, "profiled estimate");
+            CK(cudaDeviceSynchronize());
+            fflush(stderr);
+            unsetenv("IHIP_MASK_PROFILE");
+        }
+        unsetenv("IHIP_MASK_PREFILL");
+        unsetenv("IHIP_MASK_MMR");
+        qsort(ms, 3, sizeof(float), cmp_float);
+        double mean, mn;
+        char why[256];
+        int bad = mask_overlap(&he, &hm, n_qblk, T, &mean, &mn, why, sizeof(why));
+        printf("  prefill estimate, 32K queries (512 query blocks) at T=%lld, Llama-8B layer (32/8 heads, "
+               "d 128, bf16), score_bf16: exact %.1f ms; IHIP_MASK_PREFILL=mma%s median %.1f ms (min %.1f, "
+               "max %.1f) = %.1fx; lists vs exact: overlap mean %.4f min %.4f%s%s\n",
+               (long long)T, ms_exact, v == 1 ? " IHIP_MASK_MMR=0" : " (rows rotated)", ms[1], ms[0],
+               ms[2], ms_exact / ms[1], mean, mn, bad ? ", MALFORMED: " : "", why);
+        if (bad) n_fail++;
     }
-    REQ(cuda_hip_mask_download(&gm, &hm, NULL) == 0, "download");
-    if (!getenv("IHIP_MASK_PROFILE")) {
-        setenv("IHIP_MASK_PROFILE", "1", 1);
-        fflush(stdout);
-        REQ(cuda_hip_mask_estimate(&ga, q_dev, pos0, n_tok, 0, &gm, w, NULL) == 0, "profiled estimate");
-        CK(cudaDeviceSynchronize());
-        fflush(stderr);
-        unsetenv("IHIP_MASK_PROFILE");
-    }
-    unsetenv("IHIP_MASK_PREFILL");
-    qsort(ms, 3, sizeof(float), cmp_float);
-    double mean, mn;
-    char why[256];
-    int bad = mask_overlap(&he, &hm, n_qblk, T, &mean, &mn, why, sizeof(why));
-    printf("  prefill estimate, 32K queries (512 query blocks) at T=%lld, Llama-8B layer (32/8 heads, "
-           "d 128, bf16), score_bf16: exact %.1f ms; IHIP_MASK_PREFILL=mma median %.1f ms (min %.1f, "
-           "max %.1f) = %.1fx; lists vs exact: overlap mean %.4f min %.4f%s%s\n",
-           (long long)T, ms_exact, ms[1], ms[0], ms[2], ms_exact / ms[1], mean, mn,
-           bad ? ", MALFORMED: " : "", why);
-    if (bad) n_fail++;
     CK(cudaEventDestroy(e0));
     CK(cudaEventDestroy(e1));
     hip_mask_free(&he);
@@ -820,19 +827,24 @@ int main(int argc, char **argv)
      * the prefill cases, against the CPU with score_bf16 (the rounding the reference HiP has):
      * not bit-exact, so the final lists must overlap (cases the mma scan does not take — odd head
      * dims, true positions — run the exact kernels and overlap fully) */
-    static const char *const mma_modes[2] = {"mma", "mma0"};
-    for (int v = 0; v < 2; v++) {
-        printf("  with IHIP_MASK_PREFILL=%s (bf16 tensor-core scan; vs CPU score_bf16):\n", mma_modes[v]);
+    /* mma in layers pruned with relative positions runs scan_mmr_kernel (probe rows rotated
+     * instead of keys) unless IHIP_MASK_MMR=0 (scan_mma_kernel, keys rotated): both */
+    static const char *const mma_modes[3] = {"mma", "mma", "mma0"};
+    for (int v = 0; v < 3; v++) {
+        printf("  with IHIP_MASK_PREFILL=%s%s (bf16 tensor-core scan; vs CPU score_bf16):\n", mma_modes[v],
+               v == 1 ? " IHIP_MASK_MMR=0" : "");
         setenv("IHIP_MASK_PREFILL", mma_modes[v], 1);
+        if (v == 1) setenv("IHIP_MASK_MMR", "0", 1);
         g_overlap = true;
         for (int i = 0; i < n_cases; i++) {
-            if (cases[i].n_tok <= 1 || (quick && cases[i].T > 40000) || (v == 1 && cases[i].T > 40000)) continue;
+            if (cases[i].n_tok <= 1 || (quick && cases[i].T > 40000) || (v == 2 && cases[i].T > 40000)) continue;
             mcase mc = cases[i];
             mc.score_bf16 = true;
             run_case(&mc, w, hw);
         }
         g_overlap = false;
         unsetenv("IHIP_MASK_PREFILL");
+        unsetenv("IHIP_MASK_MMR");
     }
     check_bad_args(w);
 

@@ -7,6 +7,10 @@
  * or using_extend with the relative / chunk pruning positions; NEOX only with n_rot == d). The
  * exact kernels stay the default and are used for everything else.
  *
+ * Two kernels: scan_mmr_kernel (at the end of this file) for layers pruned with relative
+ * positions and NORM RoPE over every dim (or none) — the default there; IHIP_MASK_MMR=0 forces
+ * the other — and scan_mma_kernel for the rest (chunk-indexed positions, NEOX).
+ *
  * NOT bit-exact with hip_mask_estimate: the dot products of the descent are computed with
  * mma.sync.m16n8k16 bf16 x bf16 -> fp32 (probe rows rounded to bf16; keys decoded and rotated
  * in fp32, then rounded to bf16), in the tensor core's summation order, like the reference HiP
@@ -14,7 +18,7 @@
  * ties, the head reduction (max, first head wins) and the score's bf16 rounding (score_bf16)
  * are those of the exact kernels.
  *
- * Layout: one CTA per (4 candidate chunks, query block), 8 warps; warp w descends heads w, w+8,
+ * scan_mma_kernel layout: one CTA per (4 candidate chunks, query block), 8 warps; warp w descends heads w, w+8,
  * ... for the 4 chunks in lockstep. A pass's 8 probe keys (chunk j's left key is column 2j, its
  * right key column 2j+1) form the B operand (k = head dims, n = 8 keys) and the pooled probe rows
  * of the head are A (16 rows per m16 tile; stage 2's 64 rows are 4 tiles). C[row][key] are the
@@ -33,31 +37,31 @@
 
 #define MMA_CH 4 /* candidate chunks per CTA: 4 chunks x (left, right) = the 8 columns of n8 */
 
-/* 8 key elements (one 16-byte bf16 word or 8 fp8 bytes in w[0..1]) -> float; zero if !have */
-static __device__ __forceinline__ void mm_decode(const uint32_t w[4], bool fp8, float sc, bool have,
-                                                 float x[8])
+/* 8 key elements (one 16-byte bf16 word or 8 fp8 bytes in w[0..1]) -> float */
+template <bool FP8>
+static __device__ __forceinline__ void mm_decode(const uint32_t w[4], float sc, float x[8])
 {
 #pragma unroll
-    for (int e = 0; e < 8; e++) {
-        const float f = fp8 ? __fmul_rn(fp8_to_f(w[e >> 2] >> (8 * (e & 3))), sc)
-                            : bf16_to_f(w[e >> 1] >> (16 * (e & 1)));
-        x[e] = have ? f : 0.0f;
-    }
+    for (int e = 0; e < 8; e++)
+        x[e] = FP8 ? __fmul_rn(fp8_to_f(w[e >> 2] >> (8 * (e & 3))), sc)
+                   : bf16_to_f(w[e >> 1] >> (16 * (e & 1)));
 }
 
 /* NORM RoPE of the 8 elements x = dims e0 .. e0+7 (e0 even) of one key, exactly cpu_rope_apply's
- * products (fmaddsub for the first (half/4)*4 pairs) */
+ * products (fmaddsub for the first (half/4)*4 pairs). ALL: every pair rotated by fmaddsub
+ * (n_rot = d, half % 4 = 0): no per-pair tests. */
+template <bool ALL>
 static __device__ __forceinline__ void mm_rope_norm(float x[8], int e0, const float2 *cs, int n_rot,
                                                     int n_fused)
 {
 #pragma unroll
     for (int k = 0; k < 8; k += 2) {
         const int e = e0 + k;
-        if (e < n_rot) {
+        if (ALL || e < n_rot) {
             const int i = e >> 1;
             const float2 c = cs[i];
             const float u = x[k], y = x[k + 1];
-            if (i < n_fused) {
+            if (ALL || i < n_fused) {
                 x[k] = __fmaf_rn(u, c.x, -__fmul_rn(y, c.y));
                 x[k + 1] = __fmaf_rn(y, c.x, __fmul_rn(u, c.y));
             } else {
@@ -69,10 +73,24 @@ static __device__ __forceinline__ void mm_rope_norm(float x[8], int e0, const fl
 }
 
 /* A fragments of m-tile mt of one head's probe rows (rows past nrow are zero). Q = d / 32. */
+/* NORM pairs (x, y) and (z, w) rotated back by the angles of cs[0], cs[1]: (a, b) ->
+ * (a c + b s, b c - a s) */
+static __device__ __forceinline__ void mm_unrot2(float4 &v, float2 c0, float2 c1)
+{
+    const float a = v.x, b = v.y, e = v.z, f = v.w;
+    v.x = a * c0.x + b * c0.y;
+    v.y = b * c0.x - a * c0.y;
+    v.z = e * c1.x + f * c1.y;
+    v.w = f * c1.x - e * c1.y;
+}
+
+/* cs1: NULL, or cos/sin of every NORM pair at position 1: the rows are then rotated back by one
+ * position before rounding (scan_mmr_kernel's right-key fragments) */
 template <int Q>
 static __device__ __forceinline__ void mm_load_a(uint32_t a[2 * Q][4],
                                                  const float *__restrict__ rows, int d, int nrow,
-                                                 int mt, int gid, int tig)
+                                                 int mt, int gid, int tig,
+                                                 const float2 *cs1 = nullptr)
 {
     const int r0 = 16 * mt + gid, r1 = r0 + 8;
 #pragma unroll
@@ -87,6 +105,13 @@ static __device__ __forceinline__ void mm_load_a(uint32_t a[2 * Q][4],
             const float4 *s = (const float4 *)(rows + (size_t)r1 * d + 32 * q + 8 * tig);
             y0 = s[0];
             y1 = s[1];
+        }
+        if (cs1) { /* dims 32q + 8tig + 0..7 = pairs 16q + 4tig + 0..3 */
+            const float2 *c = cs1 + 16 * q + 4 * tig;
+            mm_unrot2(x0, c[0], c[1]);
+            mm_unrot2(y0, c[0], c[1]);
+            mm_unrot2(x1, c[2], c[3]);
+            mm_unrot2(y1, c[2], c[3]);
         }
         /* k-step 2q: dims +0..3; k-step 2q+1: dims +4..7 */
         a[2 * q][0] = pf_pack(x0.x, x0.y);
@@ -105,8 +130,15 @@ static __device__ __forceinline__ void mm_load_a(uint32_t a[2 * Q][4],
  * MT = m-tiles per head (rmax / 16 rounded up); tiles past a block's rows are zero. */
 template <int Q>
 static __global__ void frag_kernel(mask_stage_params p, uint4 *__restrict__ frag, int MT,
-                                   int n_qblk)
+                                   int n_qblk, mask_rope rope, int rot1)
 {
+    /* rot1: a second set after the first, rows rotated back by one position (NORM pairs) */
+    __shared__ float2 cs1[16 * Q];
+    if (rot1) {
+        for (int i = threadIdx.x; i < 16 * Q; i += blockDim.x)
+            cs1[i] = rope.on && 2 * i < rope.n_rot ? rope_cs(rope, 1, i) : make_float2(1.0f, 0.0f);
+        __syncthreads();
+    }
     const int64_t u = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (u >= (int64_t)n_qblk * p.H * MT * 32) return;
     const int lane = (int)(u % 32), mt = (int)(u / 32 % MT);
@@ -121,6 +153,13 @@ static __global__ void frag_kernel(mask_stage_params p, uint4 *__restrict__ frag
 #pragma unroll
     for (int ks = 0; ks < 2 * Q; ks++)
         o[ks * 32] = make_uint4(a[ks][0], a[ks][1], a[ks][2], a[ks][3]);
+    if (rot1) {
+        mm_load_a<Q>(a, rows, d, nrow, mt, lane >> 2, lane & 3, cs1);
+        o += (size_t)n_qblk * p.H * MT * (2 * Q) * 32;
+#pragma unroll
+        for (int ks = 0; ks < 2 * Q; ks++)
+            o[ks * 32] = make_uint4(a[ks][0], a[ks][1], a[ks][2], a[ks][3]);
+    }
 }
 
 static __device__ __forceinline__ void mm_frag_a(uint32_t a[][4], const uint4 *__restrict__ f,
@@ -143,16 +182,26 @@ static __device__ __forceinline__ void mm_frag_a(uint32_t a[][4], const uint4 *_
  * row. (With chunks fastest, every query block would sweep all the keys from DRAM.) */
 #define MMA_SB 16
 
-template <int Q>
-static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
+/* This CTA's query block and first chunk in that order: super-blocks of sbw groups of ch
+ * chunks; n_grp groups in all. */
+static __device__ __forceinline__ void mm_cta_place(int sbw, int64_t n_grp, int n_qblk, int ch, int *b,
+                                                    int64_t *c0)
+{
+    const int64_t lin = blockIdx.x, per = (int64_t)sbw * n_qblk;
+    const int64_t sb = lin / per, rem = lin - sb * per;
+    const int64_t sbn = min((int64_t)sbw, n_grp - sb * sbw);
+    *b = (int)(rem / sbn);
+    *c0 = (sb * sbw + rem % sbn) * ch;
+}
+
+template <int Q, bool NORM, bool FP8>
+static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 3)
     scan_mma_kernel(mask_stage_params p, mask_rope rope, mask_kv kv, const uint4 *__restrict__ frag,
                     int MT, int64_t n_grp, int n_qblk)
 {
-    const int64_t lin = blockIdx.x, per = (int64_t)MMA_SB * n_qblk;
-    const int64_t sb = lin / per, rem = lin - sb * per;
-    const int64_t sbn = min((int64_t)MMA_SB, n_grp - sb * MMA_SB);
-    const int b = (int)(rem / sbn);
-    const int64_t c0 = (sb * MMA_SB + rem % sbn) * MMA_CH;
+    int b;
+    int64_t c0;
+    mm_cta_place(MMA_SB, n_grp, n_qblk, MMA_CH, &b, &c0);
     const int64_t n = stage_count(p, b);
     if (c0 >= n) return;
     const int H = p.H;
@@ -178,28 +227,19 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
     }
     __syncthreads();
 
-    /* the 4 chunks' ranges and pass counts, in shared memory (registers are short) */
-    __shared__ int64_t sL0[MMA_CH], sR0[MMA_CH];
-    __shared__ int snp[MMA_CH];
+    /* the 4 chunks' ranges, pass counts and 32-bit limits (offsets from L0: key < T is
+     * off < lim_T, l <= thr is lo <= lim_thr; -1 when l >= 0 fails from the start), in shared
+     * memory (registers are short); spans clamped to 2^30 */
+    __shared__ int64_t sL0[MMA_CH];
+    __shared__ int snp[MMA_CH], sspan[MMA_CH], slim_T[MMA_CH], slim_thr[MMA_CH];
     if (threadIdx.x < MMA_CH) {
         const int j = threadIdx.x;
-        const int64_t c = c0 + j;
-        int64_t L0 = 0, R0 = 0;
-        if (c >= n) {
-            L0 = R0 = 0;
-        } else if (!p.L) {
-            L0 = p.n_sink + c * p.lc0;
-            R0 = min(L0 + p.lc0, p.T - p.sw);
-        } else {
-            L0 = p.L[(size_t)b * p.ub + c];
-            R0 = p.R[(size_t)b * p.ub + c];
-        }
-        int np = 1;
-        while (((int64_t)1 << (np - 1)) < R0 - L0)
-            np++;
-        sL0[j] = L0;
-        sR0[j] = R0;
-        snp[j] = c < n ? np : 0;
+        const mask_chunk k = mask_chunk_of(p, b, c0 + j, n);
+        sL0[j] = k.L0;
+        sspan[j] = k.span;
+        snp[j] = k.np;
+        slim_T[j] = k.lim_T;
+        slim_thr[j] = k.lim_thr;
     }
     __syncthreads();
     int maxpass = 0;
@@ -207,29 +247,28 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
     for (int j = 0; j < MMA_CH; j++)
         maxpass = max(maxpass, snp[j]);
 
-    const int64_t p0 = p.pos0 + (int64_t)b * p.bq;
-    const int64_t thr = max((int64_t)0, p0 - p.sw);
     const int nq = (int)min((int64_t)p.bq, p.n_tok - (int64_t)b * p.bq);
     const int nrow = (nq + p.stride - 1) / p.stride;
     const int nmt = (nrow + 15) / 16;
     const int n_fused = neox ? 0 : (rope.half / 4) * 4; /* pairs rotated by fmaddsub */
 
+    const bool contig = !kv.pc && !kv.a.kptr && !kv.a.page;
+    const size_t tstride = (size_t)kv.a.hkv * (size_t)kv.a.row_bytes;
+    /* this lane's chunk: the one of its B column (kj); the 8 lanes of a chunk hold the same
+     * descent state, so a pass needs two shuffles to learn its chunk's maxima and no lane keeps
+     * the other chunks' state (loop-invariant limits in registers) */
+    const int64_t L0 = sL0[kj];
+    const int np = snp[kj], lim_T = slim_T[kj], lim_thr = slim_thr[kj], span = sspan[kj];
     for (int h = warp; h < H; h += MASK_SCAN_WARPS) {
         const int g = h / p.G;
+        /* contiguous K: key 0 of this head's KV head */
+        const uint8_t *kb = contig ? kv.a.k + (size_t)g * (size_t)kv.a.row_bytes : nullptr;
         const uint4 *fh = frag + ((size_t)b * H + h) * MT * (2 * Q) * 32;
         /* l, r as offsets from the chunk's L0 (>= 0 while the descent runs, so the midpoints'
          * truncating divisions are those of the absolute positions); ranges clamped to 2^30 */
-        int l[MMA_CH], r[MMA_CH];
-        float best[MMA_CH];
-        bool any[MMA_CH], alive[MMA_CH];
-#pragma unroll
-        for (int j = 0; j < MMA_CH; j++) {
-            l[j] = 0;
-            r[j] = (int)max((int64_t)0, min(sR0[j] - sL0[j], (int64_t)1 << 30));
-            best[j] = MASK_SCORE_INIT;
-            any[j] = false;
-            alive[j] = c0 + j < n;
-        }
+        int l = 0, r = span;
+        float best = MASK_SCORE_INIT;
+        bool any = false, alive = c0 + kj < n;
         uint32_t a[2 * Q][4];
         /* d 64: the head's A fragments stay in registers over the passes; d 128 (or several
          * m-tiles): reloaded per pass from L1 / L2 (keeps the kernel at 128 registers) */
@@ -237,34 +276,18 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
         if (hoist) mm_frag_a(a, fh, 2 * Q, lane);
 
         for (int it = 0; it < maxpass; it++) {
-            bool some = false;
-#pragma unroll
-            for (int j = 0; j < MMA_CH; j++) {
-                const int64_t la = sL0[j] + l[j];
-                if (it >= snp[j] || !(la <= thr && l[j] < r[j] && la >= 0)) alive[j] = false;
-                some |= alive[j];
-            }
-            if (!some) break; /* warp-uniform: every lane holds the same state */
-            int mid[MMA_CH];
-            bool hl[MMA_CH], hr[MMA_CH];
-            int64_t t = 0;
-            bool have = false;
-#pragma unroll
-            for (int j = 0; j < MMA_CH; j++) {
-                mid[j] = (l[j] + r[j]) / 2;
-                const int64_t pl = sL0[j] + (l[j] + mid[j]) / 2, pr = sL0[j] + (mid[j] + r[j]) / 2;
-                hl[j] = alive[j] && pl < p.T;
-                hr[j] = alive[j] && pr < p.T;
-                if (kj == j) {
-                    have = kside ? hr[j] : hl[j];
-                    t = kside ? pr : pl;
-                }
-            }
-            if (!have) t = 0; /* branch-free: a key that is not probed loads token 0, zeroed */
-            const uint8_t *row = kv_key(kv, t, g);
+            if (it >= np || !(l <= lim_thr && l < r)) alive = false;
+            if (!__any_sync(0xffffffffu, alive)) break;
+            const int mid = (l + r) >> 1; /* both >= 0 */
+            const int pl = (l + mid) >> 1, pr = (mid + r) >> 1;
+            const bool hl = alive && pl < lim_T, hr = alive && pr < lim_T;
+            const bool have = kside ? hr : hl;
+            /* branch-free: a key that is not probed loads token 0 (its column's maxima are
+             * replaced by -inf below; columns of an mma do not mix) */
+            const int64_t t = have ? L0 + (kside ? pr : pl) : 0;
+            const uint8_t *row = contig ? kb + (size_t)t * tstride : kv_key(kv, t, g);
             uint32_t raw[Q][4];
-            const bool fp8 = kv.dtype != CUDA_KV_BF16;
-            if (!fp8) {
+            if (!FP8) {
                 const uint16_t *src = (const uint16_t *)row;
 #pragma unroll
                 for (int q = 0; q < Q; q++) {
@@ -292,8 +315,8 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
 #pragma unroll
                 for (int q = 0; q < Q / 2; q++) {
                     float x[8], y[8];
-                    mm_decode(raw[q], fp8, kv.k_scale, have, x);
-                    mm_decode(raw[q + Q / 2], fp8, kv.k_scale, have, y);
+                    mm_decode<FP8>(raw[q], kv.k_scale, x);
+                    mm_decode<FP8>(raw[q + Q / 2], kv.k_scale, y);
 #pragma unroll
                     for (int k = 0; k < 8; k++) {
                         const float2 c = cs[32 * q + 8 * tig + k];
@@ -314,8 +337,9 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
 #pragma unroll
                 for (int q = 0; q < Q; q++) {
                     float x[8];
-                    mm_decode(raw[q], fp8, kv.k_scale, have, x);
-                    if (rope.on) mm_rope_norm(x, 32 * q + 8 * tig, cs, rope.n_rot, n_fused);
+                    mm_decode<FP8>(raw[q], kv.k_scale, x);
+                    if (NORM) mm_rope_norm<true>(x, 32 * q + 8 * tig, cs, rope.n_rot, n_fused);
+                    else if (rope.on) mm_rope_norm<false>(x, 32 * q + 8 * tig, cs, rope.n_rot, n_fused);
                     bk[2 * q][0] = pf_pack(x[0], x[1]);
                     bk[2 * q][1] = pf_pack(x[2], x[3]);
                     bk[2 * q + 1][0] = pf_pack(x[4], x[5]);
@@ -349,49 +373,229 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
                 ml = fmaxf(ml, __shfl_xor_sync(0xffffffffu, ml, o));
                 mr = fmaxf(mr, __shfl_xor_sync(0xffffffffu, mr, o));
             }
-#pragma unroll
-            for (int j = 0; j < MMA_CH; j++) {
-                /* lane j (gid 0, tig j) holds chunk j's maxima */
-                float sl = __shfl_sync(0xffffffffu, ml, j), sr = __shfl_sync(0xffffffffu, mr, j);
-                if (!alive[j]) continue;
-                if (!hl[j]) sl = -INFINITY;
-                if (!hr[j]) sr = -INFINITY;
-                float win;
-                if (sl > sr) {
-                    r[j] = mid[j];
-                    win = sl;
-                } else {
-                    l[j] = mid[j];
-                    win = sr;
-                }
-                if (!any[j] || win > best[j]) best[j] = win;
-                any[j] = true;
-            }
+            /* lane kj (gid 0, tig kj) holds chunk kj's maxima */
+            const float sl = __shfl_sync(0xffffffffu, ml, kj), sr = __shfl_sync(0xffffffffu, mr, kj);
+            if (alive) mask_descend(hl, hr, sl, sr, mid, l, r, best, any);
         }
-        if (lane == 0) {
-#pragma unroll
-            for (int j = 0; j < MMA_CH; j++) {
-                hrep[h * MMA_CH + j] = sL0[j] + l[j];
-                hbest[h * MMA_CH + j] = best[j];
-                hany[h * MMA_CH + j] = any[j];
-            }
+        if (kside == 0 && tig == 0) { /* lane 8 kj */
+            hrep[h * MMA_CH + kj] = L0 + l;
+            hbest[h * MMA_CH + kj] = best;
+            hany[h * MMA_CH + kj] = any;
         }
     }
     __syncthreads();
     if (threadIdx.x < MMA_CH && c0 + (int64_t)threadIdx.x < n) {
         const int j = threadIdx.x;
-        const int64_t c = c0 + j;
-        float cbest = MASK_SCORE_INIT;
-        int64_t crep = sL0[j];
-        bool have = false;
-        for (int h = 0; h < H; h++) {
-            if (hany[h * MMA_CH + j] && (!have || hbest[h * MMA_CH + j] > cbest)) {
-                cbest = hbest[h * MMA_CH + j];
-                crep = hrep[h * MMA_CH + j];
-                have = true;
+        mask_head_reduce(p, b, c0 + j, hany, hbest, hrep, MMA_CH, j, sL0[j]);
+    }
+}
+
+/* ---- relative pruning positions: rotate the probe rows, not the keys ----------------------- */
+
+/* scan_mmr_kernel: the tensor-core scan for layers pruned with relative positions (left probe
+ * key at position 0, right at 1) and NORM RoPE over every dim (or none). The rotation moves to
+ * the probe rows: row · R(1) k = (R(1)^T row) · k, so the left keys are scored against the rows
+ * (A0) and the right keys against the rows rotated back by one position (A1, frag_kernel's
+ * second set), and the keys go from memory into the B fragments as they are (bf16: the raw
+ * words; fp8: decoded and scaled, then rounded to bf16) — no per-pass decode / rotation / pack
+ * of bf16 keys. Like scan_mma_kernel it rounds both operands to bf16, but on the other side of
+ * the rotation, so its scores differ from scan_mma_kernel's by bf16 rounding (both are
+ * approximations of the exact scores; test-cuda-mask bounds their lists' overlap with the exact
+ * lists).
+ *
+ * One CTA per (8 candidate chunks, query block), 8 warps, warp w descends heads w, w+8, ... for
+ * the 8 chunks in lockstep; lane (gid, tig) loads chunk gid's left and right probe keys (dims
+ * 32q + 8tig .. + 7) as the B columns gid of two n8 tiles (left tile against A0, right tile
+ * against A1); C gives lane (gid, tig) rows gid, gid + 8 of chunks 2tig, 2tig + 1, reduced over
+ * gid by shuffles; the 4 lanes of chunk gid hold its descent state.
+ *
+ * ROWROT = false (stages with several m-tiles of probe rows, where the second fragment set
+ * would double the fragment traffic that bounds them): only the first set; the right keys are
+ * rotated to position 1 in fp32 and rounded (scan_mma_kernel's scores, 8 chunks per CTA).
+ * Registers fitted to 2 CTAs per SM (fitted to 3 they spilled ~120 bytes and the prefill
+ * estimate was 1.4x slower on the H200). */
+#define MMR_CH 8
+
+template <int Q, bool FP8, bool ROWROT>
+static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
+    scan_mmr_kernel(mask_stage_params p, mask_rope rope, mask_kv kv, const uint4 *__restrict__ frag,
+                    int MT, int64_t n_grp, int n_qblk, int sbw)
+{
+    /* the CTA order of scan_mma_kernel with super-blocks of sbw groups of 8 chunks */
+    int b;
+    int64_t c0;
+    mm_cta_place(sbw, n_grp, n_qblk, MMR_CH, &b, &c0);
+    const int64_t n = stage_count(p, b);
+    if (c0 >= n) return;
+    const int H = p.H;
+    extern __shared__ float4 smem4[];
+    int64_t *hrep = (int64_t *)smem4;            /* [H][MMR_CH] */
+    float *hbest = (float *)(hrep + H * MMR_CH); /* [H][MMR_CH] */
+    int *hany = (int *)(hbest + H * MMR_CH);     /* [H][MMR_CH] */
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    /* !ROWROT: the right keys are rotated to position 1 here instead (as scan_mma_kernel does,
+     * so the scores are scan_mma_kernel's), and only the first fragment set is read */
+    __shared__ float2 cs1[ROWROT ? 1 : 16 * Q];
+    if (!ROWROT) {
+        for (int i = threadIdx.x; i < 16 * Q; i += blockDim.x)
+            cs1[i] = rope.on ? rope_cs(rope, 1, i) : make_float2(1.0f, 0.0f);
+        __syncthreads();
+    }
+
+    /* chunk gid of the group: range, passes, 32-bit limits */
+    const int64_t c = c0 + gid;
+    const mask_chunk ck = mask_chunk_of(p, b, c, n);
+    const int64_t L0 = ck.L0;
+    const int span = ck.span, np = ck.np, lim_T = ck.lim_T, lim_thr = ck.lim_thr;
+    const int maxpass = __reduce_max_sync(0xffffffffu, np);
+
+    const int nq = (int)min((int64_t)p.bq, p.n_tok - (int64_t)b * p.bq);
+    const int nrow = (nq + p.stride - 1) / p.stride;
+    const int nmt = (nrow + 15) / 16;
+    const bool contig = !kv.pc && !kv.a.kptr && !kv.a.page;
+    const size_t tstride = (size_t)kv.a.hkv * (size_t)kv.a.row_bytes;
+    const size_t set1 = (size_t)n_qblk * H * MT * (2 * Q) * 32; /* A1 after A0 */
+    const int eoff = (FP8 ? 1 : 2) * 8 * tig;                   /* this lane's first dim, bytes */
+
+    for (int h = warp; h < H; h += MASK_SCAN_WARPS) {
+        const int g = h / p.G;
+        const uint8_t *kb = contig ? kv.a.k + (size_t)g * (size_t)kv.a.row_bytes : nullptr;
+        const uint4 *fh = frag + ((size_t)b * H + h) * MT * (2 * Q) * 32;
+        int l = 0, r = span;
+        float best = MASK_SCORE_INIT;
+        bool any = false, alive = c < n;
+        /* ROWROT (one m-tile): the head's second fragment set stays in registers over its
+         * passes (reloading both every pass made the kernel L1-throughput bound on the H200: 86 %;
+         * both in registers spilled and were slower than this) */
+        uint32_t ha1[ROWROT ? 2 * Q : 1][4];
+        if (ROWROT) mm_frag_a(ha1, fh + set1, 2 * Q, lane);
+
+        for (int it = 0; it < maxpass; it++) {
+            if (it >= np || !(l <= lim_thr && l < r)) alive = false;
+            if (!__any_sync(0xffffffffu, alive)) break;
+            const int mid = (l + r) >> 1; /* both >= 0 */
+            const int pl = (l + mid) >> 1, pr = (mid + r) >> 1;
+            const bool hl = alive && pl < lim_T, hr = alive && pr < lim_T;
+            /* a key that is not probed loads token 0; its scores are replaced by -inf below */
+            const int64_t tl = hl ? L0 + pl : 0, tr = hr ? L0 + pr : 0;
+            const uint8_t *rl = (contig ? kb + (size_t)tl * tstride : kv_key(kv, tl, g)) + eoff;
+            const uint8_t *rr = (contig ? kb + (size_t)tr * tstride : kv_key(kv, tr, g)) + eoff;
+            uint32_t bl[2 * Q][2], br[2 * Q][2];
+#pragma unroll
+            for (int q = 0; q < Q; q++) {
+                if (!FP8 && !ROWROT) {
+                    /* left: the raw words (position 0 rotates nothing); right: rotated */
+                    const uint4 x = *(const uint4 *)(rl + 64 * q), y = *(const uint4 *)(rr + 64 * q);
+                    bl[2 * q][0] = x.x;
+                    bl[2 * q][1] = x.y;
+                    bl[2 * q + 1][0] = x.z;
+                    bl[2 * q + 1][1] = x.w;
+                    float v[8];
+                    const uint32_t wy[4] = {y.x, y.y, y.z, y.w};
+                    mm_decode<false>(wy, 1.0f, v);
+                    if (rope.on) mm_rope_norm<true>(v, 32 * q + 8 * tig, cs1, 0, 0);
+                    br[2 * q][0] = pf_pack(v[0], v[1]);
+                    br[2 * q][1] = pf_pack(v[2], v[3]);
+                    br[2 * q + 1][0] = pf_pack(v[4], v[5]);
+                    br[2 * q + 1][1] = pf_pack(v[6], v[7]);
+                } else if (!FP8) {
+                    const uint4 x = *(const uint4 *)(rl + 64 * q), y = *(const uint4 *)(rr + 64 * q);
+                    bl[2 * q][0] = x.x;
+                    bl[2 * q][1] = x.y;
+                    bl[2 * q + 1][0] = x.z;
+                    bl[2 * q + 1][1] = x.w;
+                    br[2 * q][0] = y.x;
+                    br[2 * q][1] = y.y;
+                    br[2 * q + 1][0] = y.z;
+                    br[2 * q + 1][1] = y.w;
+                } else {
+                    const uint2 x = *(const uint2 *)(rl + 32 * q), y = *(const uint2 *)(rr + 32 * q);
+                    float u[8], v[8];
+                    const uint32_t wx[4] = {x.x, x.y, 0u, 0u}, wy[4] = {y.x, y.y, 0u, 0u};
+                    mm_decode<true>(wx, kv.k_scale, u);
+                    mm_decode<true>(wy, kv.k_scale, v);
+                    if (!ROWROT && rope.on) mm_rope_norm<true>(v, 32 * q + 8 * tig, cs1, 0, 0);
+                    bl[2 * q][0] = pf_pack(u[0], u[1]);
+                    bl[2 * q][1] = pf_pack(u[2], u[3]);
+                    bl[2 * q + 1][0] = pf_pack(u[4], u[5]);
+                    bl[2 * q + 1][1] = pf_pack(u[6], u[7]);
+                    br[2 * q][0] = pf_pack(v[0], v[1]);
+                    br[2 * q][1] = pf_pack(v[2], v[3]);
+                    br[2 * q + 1][0] = pf_pack(v[4], v[5]);
+                    br[2 * q + 1][1] = pf_pack(v[6], v[7]);
+                }
             }
+            /* lane: rows gid, gid + 8 of chunks 2tig (x0) and 2tig + 1 (x1) */
+            float ml0 = -FLT_MAX, ml1 = -FLT_MAX, mr0 = -FLT_MAX, mr1 = -FLT_MAX;
+            for (int mt = 0; mt < nmt; mt++) {
+                float cl[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                if (ROWROT) {
+                    const uint4 *f0 = fh + (size_t)mt * (2 * Q) * 32 + lane;
+#pragma unroll
+                    for (int ks = 0; ks < 2 * Q; ks++) {
+                        const uint4 x = f0[ks * 32];
+                        const uint32_t a0[4] = {x.x, x.y, x.z, x.w};
+                        pf_mma(cl, a0, bl[ks][0], bl[ks][1]);
+                        pf_mma(cr, ha1[ks], br[ks][0], br[ks][1]);
+                    }
+                } else {
+                    const uint4 *f0 = fh + (size_t)mt * (2 * Q) * 32 + lane;
+#pragma unroll
+                    for (int ks = 0; ks < 2 * Q; ks++) {
+                        const uint4 x = f0[ks * 32];
+                        const uint32_t a0[4] = {x.x, x.y, x.z, x.w};
+                        pf_mma(cl, a0, bl[ks][0], bl[ks][1]);
+                        pf_mma(cr, a0, br[ks][0], br[ks][1]);
+                    }
+                }
+                if (p.score_bf16) {
+#pragma unroll
+                    for (int x = 0; x < 4; x++) {
+                        cl[x] = round_bf16_d(cl[x]);
+                        cr[x] = round_bf16_d(cr[x]);
+                    }
+                }
+                if (16 * mt + gid < nrow) {
+                    ml0 = fmaxf(ml0, cl[0]);
+                    ml1 = fmaxf(ml1, cl[1]);
+                    mr0 = fmaxf(mr0, cr[0]);
+                    mr1 = fmaxf(mr1, cr[1]);
+                }
+                if (16 * mt + gid + 8 < nrow) {
+                    ml0 = fmaxf(ml0, cl[2]);
+                    ml1 = fmaxf(ml1, cl[3]);
+                    mr0 = fmaxf(mr0, cr[2]);
+                    mr1 = fmaxf(mr1, cr[3]);
+                }
+            }
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) {
+                ml0 = fmaxf(ml0, __shfl_xor_sync(0xffffffffu, ml0, o));
+                ml1 = fmaxf(ml1, __shfl_xor_sync(0xffffffffu, ml1, o));
+                mr0 = fmaxf(mr0, __shfl_xor_sync(0xffffffffu, mr0, o));
+                mr1 = fmaxf(mr1, __shfl_xor_sync(0xffffffffu, mr1, o));
+            }
+            /* chunk gid's maxima are in lane gid / 2 (x0 for even gid, x1 for odd) */
+            const int src = gid >> 1;
+            const float a0 = __shfl_sync(0xffffffffu, ml0, src), a1 = __shfl_sync(0xffffffffu, ml1, src);
+            const float b0 = __shfl_sync(0xffffffffu, mr0, src), b1 = __shfl_sync(0xffffffffu, mr1, src);
+            const float sl = (gid & 1) ? a1 : a0, sr = (gid & 1) ? b1 : b0;
+            if (alive) mask_descend(hl, hr, sl, sr, mid, l, r, best, any);
         }
-        p.score[(size_t)b * p.ub + c] = cbest;
-        p.rep[(size_t)b * p.ub + c] = crep;
+        if (tig == 0) {
+            hrep[h * MMR_CH + gid] = L0 + l;
+            hbest[h * MMR_CH + gid] = best;
+            hany[h * MMR_CH + gid] = any;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < MMR_CH && c0 + (int64_t)threadIdx.x < n) {
+        const int j = threadIdx.x;
+        const int64_t cj = c0 + j;
+        /* no head probed: the chunk's start (as the exact kernels) */
+        const int64_t start = !p.L ? p.n_sink + cj * p.lc0 : p.L[(size_t)b * p.ub + cj];
+        mask_head_reduce(p, b, cj, hany, hbest, hrep, MMR_CH, j, start);
     }
 }

@@ -14,8 +14,9 @@
  *          same with the keys in registers, one DRAM round trip per pass (IHIP_MASK_SCAN=old
  *          forces scan_kernel);
  *   select grid (n_qblk), 1024 threads: exact top-k by a radix select over the 64-bit key
- *          (descending score, ascending chunk index), then a bitonic sort of the realigned
- *          starts in shared memory and either the split into the next stage's candidates
+ *          (descending score, ascending chunk index; it stops at the first digit whose bin
+ *          ends exactly at the k-th key), then a bitonic sort of the realigned starts (strides
+ *          below 32 by shuffles when the sort fits the block) and either the split into the next stage's candidates
  *          (written straight into the mask's stage cache, which is the next stage's input) or
  *          the final de-duplicated block list (§2.7, §2.8).
  * Keys are found through cuda_kv_rows (cuda-hip-impl.h): contiguous, slot pages or page
@@ -168,6 +169,47 @@ static __device__ __forceinline__ int64_t stage_count(const mask_stage_params &p
     return max((int64_t)0, min((int64_t)p.cnt[b], p.ub));
 }
 
+/* Candidate c of query block b: [L0, R0) — stage 0 from its index, later stages from the list. */
+static __device__ __forceinline__ void mask_cand(const mask_stage_params &p, int b, int64_t c, int64_t *L0,
+                                                 int64_t *R0)
+{
+    if (!p.L) {
+        *L0 = p.n_sink + c * p.lc0;
+        *R0 = min(*L0 + p.lc0, p.T - p.sw);
+    } else {
+        *L0 = p.L[(size_t)b * p.ub + c];
+        *R0 = p.R[(size_t)b * p.ub + c];
+    }
+}
+
+/* A candidate's descent in 32-bit offsets from L0 (exact: for x >= 0, (2 L0 + x) / 2 =
+ * L0 + x / 2, so the midpoints are those of the absolute positions): the span R0 - L0 and the
+ * limits clamped to 2^30, where no valid chunk goes; key L0 + o exists while o < lim_T; the
+ * descent runs while lo <= lim_thr (l <= the query block's threshold; -1 when L0 < 0) and
+ * lo < ro, for np passes (0 past the candidate count). */
+struct mask_chunk {
+    int64_t L0;
+    int span, np, lim_T, lim_thr;
+};
+
+static __device__ __forceinline__ mask_chunk mask_chunk_of(const mask_stage_params &p, int b, int64_t c,
+                                                           int64_t n)
+{
+    mask_chunk k;
+    int64_t R0 = 0;
+    k.L0 = 0;
+    if (c < n) mask_cand(p, b, c, &k.L0, &R0);
+    const int64_t big = (int64_t)1 << 30;
+    const int64_t thr = max((int64_t)0, p.pos0 + (int64_t)b * p.bq - p.sw);
+    k.span = (int)max((int64_t)0, min(R0 - k.L0, big));
+    k.np = 1;
+    while ((1 << (k.np - 1)) < k.span) k.np++;
+    if (c >= n) k.np = 0;
+    k.lim_T = (int)max((int64_t)0, min(p.T - k.L0, big + 1));
+    k.lim_thr = k.L0 < 0 ? -1 : (int)max((int64_t)-1, min(thr - k.L0, big));
+    return k;
+}
+
 /* ---- prep: probe rows (§2.3) ------------------------------------------------------------------ */
 
 /* rows[b][h][r][e] = mean over the queries i of group r of RoPE(scale * q[i][h], qpos(i)). */
@@ -211,6 +253,50 @@ static __global__ void prep_kernel(mask_stage_params p, mask_rope rope, const fl
 }
 
 /* ---- scan: the descent (§2.5) and the head reduction (§2.6) --------------------------------- */
+
+/* One descent step after a pass, for every scan kernel: an unprobed side scores -inf, the
+ * winning side's half is kept ('>': a tie keeps the right half), and the best winning score so
+ * far is tracked. I: the type of l / r / mid (absolute int64_t or 32-bit offsets). */
+template <typename I>
+static __device__ __forceinline__ void mask_descend(bool hl, bool hr, float sl, float sr, I mid, I &l,
+                                                    I &r, float &best, bool &any)
+{
+    if (!hl) sl = -INFINITY;
+    if (!hr) sr = -INFINITY;
+    float win;
+    if (sl > sr) {
+        r = mid;
+        win = sl;
+    } else {
+        l = mid;
+        win = sr;
+    }
+    if (!any || win > best) best = win;
+    any = true;
+}
+
+/* The head reduction of one chunk from the per-head results at [h * stride + j]: the best
+ * score of the heads that probed (the first head wins ties) and its representative; rep0 when
+ * none did. Writes score[b][c] and rep[b][c]. */
+static __device__ __forceinline__ void mask_head_reduce(const mask_stage_params &p, int b, int64_t c,
+                                                        const int *hany, const float *hbest,
+                                                        const int64_t *hrep, int stride, int j,
+                                                        int64_t rep0)
+{
+    float cbest = MASK_SCORE_INIT;
+    int64_t crep = rep0;
+    bool have = false;
+    for (int h = 0; h < p.H; h++) {
+        const int x = h * stride + j;
+        if (hany[x] && (!have || hbest[x] > cbest)) {
+            cbest = hbest[x];
+            crep = hrep[x];
+            have = true;
+        }
+    }
+    p.score[(size_t)b * p.ub + c] = cbest;
+    p.rep[(size_t)b * p.ub + c] = crep;
+}
 
 struct mask_kv {
     cuda_kv_addr a; /* K only: contiguous, slot pages or page pointers */
@@ -316,13 +402,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32)
     float *kbuf = (float *)smem4 + 4 * (size_t)H; /* 16 bytes per head above */
 
     int64_t L0, R0;
-    if (!p.L) {
-        L0 = p.n_sink + (int64_t)c * p.lc0;
-        R0 = min(L0 + p.lc0, p.T - p.sw);
-    } else {
-        L0 = p.L[(size_t)b * p.ub + c];
-        R0 = p.R[(size_t)b * p.ub + c];
-    }
+    mask_cand(p, b, c, &L0, &R0);
     const int64_t p0 = p.pos0 + (int64_t)b * p.bq;
     const int64_t thr = max((int64_t)0, p0 - p.sw);
     const int nq = (int)min((int64_t)p.bq, p.n_tok - (int64_t)b * p.bq);
@@ -378,20 +458,9 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32)
                 if (p.score_bf16) s = round_bf16_d(s);
                 if (s > mine) mine = s;
             }
-            float sl = __shfl_sync(0xffffffffu, mine, 0), sr = __shfl_sync(0xffffffffu, mine, 16);
-            if (!hl) sl = -INFINITY;
-            if (!hr) sr = -INFINITY;
+            const float sl = __shfl_sync(0xffffffffu, mine, 0), sr = __shfl_sync(0xffffffffu, mine, 16);
             __syncwarp(); /* the next pass overwrites kl / kr */
-            float win;
-            if (sl > sr) {
-                r = mid;
-                win = sl;
-            } else {
-                l = mid;
-                win = sr;
-            }
-            if (!any || win > best) best = win;
-            any = true;
+            mask_descend(hl, hr, sl, sr, mid, l, r, best, any);
         }
         if (lane == 0) {
             hrep[h] = l;
@@ -400,20 +469,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32)
         }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float cbest = MASK_SCORE_INIT;
-        int64_t crep = L0;
-        bool have = false;
-        for (int h = 0; h < H; h++) {
-            if (hany[h] && (!have || hbest[h] > cbest)) {
-                cbest = hbest[h];
-                crep = hrep[h];
-                have = true;
-            }
-        }
-        p.score[(size_t)b * p.ub + c] = cbest;
-        p.rep[(size_t)b * p.ub + c] = crep;
-    }
+    if (threadIdx.x == 0) mask_head_reduce(p, b, c, hany, hbest, hrep, 1, 0, L0);
 }
 
 /* ---- scan, fast path (d 64 or 128; no RoPE, or the relative / chunk pruning positions) ------- */
@@ -446,29 +502,16 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
     float *hbest = (float *)(hrep + H);
     int *hany = (int *)(hbest + H);
 
-    int64_t L0, R0;
-    if (!p.L) {
-        L0 = p.n_sink + (int64_t)c * p.lc0;
-        R0 = min(L0 + p.lc0, p.T - p.sw);
-    } else {
-        L0 = p.L[(size_t)b * p.ub + c];
-        R0 = p.R[(size_t)b * p.ub + c];
-    }
-    const int64_t p0 = p.pos0 + (int64_t)b * p.bq;
-    const int64_t thr = max((int64_t)0, p0 - p.sw);
     const int nq = (int)min((int64_t)p.bq, p.n_tok - (int64_t)b * p.bq);
     const int nrow = (nq + p.stride - 1) / p.stride;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int sub = lane & 15, side = lane >> 4;
     const bool neox = rope.style == CPU_ROPE_NEOX;
 
-    /* offsets from L0: l = L0 + lo, r = L0 + ro; a span past 2^30 (never a valid chunk) is
-     * clamped so that the arithmetic stays in 32 bits */
-    const int64_t big = (int64_t)1 << 30;
-    const int span = (int)max((int64_t)-1, min(R0 - L0, big));
-    const int lim_thr = (int)max((int64_t)-1, min(thr - L0, big)); /* l <= thr: lo <= lim_thr */
-    const int lim_T = (int)max((int64_t)0, min(p.T - L0, big + 1)); /* key < T: off < lim_T */
-    const bool l0_ok = L0 >= 0;
+    /* offsets from L0: l = L0 + lo, r = L0 + ro */
+    const mask_chunk ck = mask_chunk_of(p, b, c, n);
+    const int64_t L0 = ck.L0;
+    const int span = ck.span, lim_thr = ck.lim_thr, lim_T = ck.lim_T;
     const bool bf16 = kv.dtype == CUDA_KV_BF16;
     const int esub = bf16 ? 2 * sub : sub;
     const bool contig = !kv.pc && !kv.a.kptr && !kv.a.page;
@@ -514,13 +557,11 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
             rw[j] = p.rows + ((size_t)b * H + hj) * p.rmax * (size_t)d + sub;
             kb[j] = contig ? kv.a.k + (size_t)gh[j] * (size_t)kv.a.row_bytes + esub : nullptr;
         }
-        int n_pass = 1;
-        while ((1 << (n_pass - 1)) < span) n_pass++;
-        for (int it = 0; it < n_pass; it++) {
+        for (int it = 0; it < ck.np; it++) {
             bool some = false;
 #pragma unroll
             for (int j = 0; j < NH; j++) {
-                if (!(lo[j] <= lim_thr && lo[j] < ro[j] && l0_ok)) alive[j] = false; /* = break */
+                if (!(lo[j] <= lim_thr && lo[j] < ro[j])) alive[j] = false; /* = break */
                 some |= alive[j];
             }
             if (!some) break;
@@ -535,7 +576,8 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
                 hl[j] = alive[j] && pl < lim_T;
                 hr[j] = alive[j] && pr < lim_T;
                 have[j] = side ? hr[j] : hl[j];
-                /* branch-free: a key that is not probed loads token 0 (valid) and is zeroed */
+                /* branch-free: a key that is not probed loads token 0 (valid); its score is
+                 * replaced by -inf below */
                 const int64_t t = have[j] ? L0 + (side ? pr : pl) : 0;
                 row[j] = contig ? kb[j] + (size_t)t * tstride : kv_key(kv, t, gh[j]) + esub;
             }
@@ -548,7 +590,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
 #pragma unroll
                 for (int j = 0; j < NH; j++)
 #pragma unroll
-                    for (int m = 0; m < M; m++) v[j][m] = have[j] ? bf16_to_f(raw[j][m]) : 0.0f;
+                    for (int m = 0; m < M; m++) v[j][m] = bf16_to_f(raw[j][m]);
             } else {
                 uint32_t raw[NH][M];
 #pragma unroll
@@ -559,7 +601,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
                 for (int j = 0; j < NH; j++)
 #pragma unroll
                     for (int m = 0; m < M; m++)
-                        v[j][m] = have[j] ? __fmul_rn(fp8_to_f(raw[j][m]), kv.k_scale) : 0.0f;
+                        v[j][m] = __fmul_rn(fp8_to_f(raw[j][m]), kv.k_scale);
             }
             if (NORM) {
 #pragma unroll
@@ -620,20 +662,8 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
             }
 #pragma unroll
             for (int j = 0; j < NH; j++) {
-                float sl = __shfl_sync(0xffffffffu, mine[j], 0), sr = __shfl_sync(0xffffffffu, mine[j], 16);
-                if (!alive[j]) continue;
-                if (!hl[j]) sl = -INFINITY;
-                if (!hr[j]) sr = -INFINITY;
-                float win;
-                if (sl > sr) {
-                    ro[j] = mo[j];
-                    win = sl;
-                } else {
-                    lo[j] = mo[j];
-                    win = sr;
-                }
-                if (!any[j] || win > best[j]) best[j] = win;
-                any[j] = true;
+                const float sl = __shfl_sync(0xffffffffu, mine[j], 0), sr = __shfl_sync(0xffffffffu, mine[j], 16);
+                if (alive[j]) mask_descend(hl[j], hr[j], sl, sr, mo[j], lo[j], ro[j], best[j], any[j]);
             }
         }
         if (lane == 0) {
@@ -649,20 +679,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
         }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float cbest = MASK_SCORE_INIT;
-        int64_t crep = L0;
-        bool have = false;
-        for (int h = 0; h < H; h++) {
-            if (hany[h] && (!have || hbest[h] > cbest)) {
-                cbest = hbest[h];
-                crep = hrep[h];
-                have = true;
-            }
-        }
-        p.score[(size_t)b * p.ub + c] = cbest;
-        p.rep[(size_t)b * p.ub + c] = crep;
-    }
+    if (threadIdx.x == 0) mask_head_reduce(p, b, c, hany, hbest, hrep, 1, 0, L0);
 }
 
 /* ---- scan, tensor-core path for prefill (opt-in, not bit-exact: IHIP_MASK_PREFILL=mma) -------- */
@@ -716,7 +733,7 @@ static __global__ void __launch_bounds__(MASK_SELECT_THREADS) select_kernel(mask
     __shared__ uint64_t s_mask;
     __shared__ int64_t s_kk;
     __shared__ int s_count;
-    __shared__ int s_u, s_ks;
+    __shared__ int s_u, s_ks, s_done;
 
     /* threshold: the k-th smallest order key (all of them when k == n) */
     uint64_t kth = ~(uint64_t)0;
@@ -725,9 +742,11 @@ static __global__ void __launch_bounds__(MASK_SELECT_THREADS) select_kernel(mask
             s_prefix = 0;
             s_mask = 0;
             s_kk = k;
+            s_done = 0;
         }
         __syncthreads();
-        for (int shift = 56; shift >= 0; shift -= 8) {
+        int shift = 56;
+        for (; shift >= 0; shift -= 8) {
             const uint64_t prefix = s_prefix, mask = s_mask;
             if (shift < 32 && ((uint64_t)(n - 1) >> shift) == 0) {
                 /* every index is below 2^shift: this digit is 0 for all keys, the rank stays */
@@ -770,10 +789,12 @@ static __global__ void __launch_bounds__(MASK_SELECT_THREADS) select_kernel(mask
                 if (excl < kk && incl >= kk) {
                     int64_t cum = excl;
                     int dig = tid * 8 + 7;
+                    unsigned bin_n = loc[7];
 #pragma unroll
                     for (int j = 0; j < 8; j++) {
                         if (cum + (int64_t)loc[j] >= kk) {
                             dig = tid * 8 + j;
+                            bin_n = loc[j];
                             break;
                         }
                         cum += loc[j];
@@ -781,11 +802,16 @@ static __global__ void __launch_bounds__(MASK_SELECT_THREADS) select_kernel(mask
                     s_kk = kk - cum;
                     s_prefix = prefix | ((uint64_t)dig << shift);
                     s_mask = mask | ((uint64_t)255 << shift);
+                    /* the kk-th key is the last of its bin: the whole bin is kept, and no
+                     * lower digit can change which keys are (threshold: the bin's largest key) */
+                    s_done = cum + (int64_t)bin_n == kk;
                 }
             }
             __syncthreads();
+            if (s_done) break;
         }
         kth = s_prefix;
+        if (shift > 0 && s_done) kth |= ((uint64_t)1 << shift) - 1u;
     }
 
     /* gather the k chosen chunks' realigned starts (transition) or block starts (final) */
@@ -802,7 +828,32 @@ static __global__ void __launch_bounds__(MASK_SELECT_THREADS) select_kernel(mask
     }
     __syncthreads();
 
-    /* bitonic sort of val[0, P) ascending */
+    /* bitonic sort of val[0, P) ascending; with P <= threads one element per thread, strides
+     * below 32 exchanged by shuffles (no barrier), larger ones through shared memory */
+    if (p.P <= nt) {
+        const int P = p.P;
+        int64_t x = tid < P ? val[tid] : INT64_MAX;
+        for (int size = 2; size <= P; size <<= 1) {
+            for (int stride = size >> 1; stride > 0; stride >>= 1) {
+                int64_t y;
+                if (stride >= 32) {
+                    __syncthreads(); /* everyone read the previous exchange */
+                    if (tid < P) val[tid] = x;
+                    __syncthreads();
+                    y = tid < P ? val[tid ^ stride] : INT64_MAX;
+                } else {
+                    y = __shfl_xor_sync(0xffffffffu, x, stride);
+                }
+                /* the pair (i, i ^ stride), i the lower index: ascending (i & size == 0) puts
+                 * the smaller at i, descending the larger */
+                const bool up = (tid & size) == 0, lower = (tid & stride) == 0;
+                x = (lower == up) ? min(x, y) : max(x, y);
+            }
+        }
+        __syncthreads();
+        if (tid < P) val[tid] = x;
+        __syncthreads();
+    } else {
     for (int size = 2; size <= p.P; size <<= 1) {
         for (int stride = size >> 1; stride > 0; stride >>= 1) {
             for (int i = tid; i < p.P; i += nt) {
@@ -818,6 +869,7 @@ static __global__ void __launch_bounds__(MASK_SELECT_THREADS) select_kernel(mask
             }
             __syncthreads();
         }
+    }
     }
 
     if (!p.final) {
@@ -1039,6 +1091,32 @@ static int next_pow2(int64_t x)
     return p;
 }
 
+/* scan_mma_kernel<d / 32, NORM, FP8> */
+template <int Q>
+static void scan_mma_launch(bool norm, bool fp8, unsigned grid, size_t smem, cudaStream_t st,
+                            const mask_stage_params &p, const mask_rope &rope, const mask_kv &kv,
+                            const uint4 *frag, int MT, int64_t n_grp, int n_qblk)
+{
+    const unsigned nt = MASK_SCAN_WARPS * 32;
+    if (norm && fp8) scan_mma_kernel<Q, true, true><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk);
+    else if (norm) scan_mma_kernel<Q, true, false><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk);
+    else if (fp8) scan_mma_kernel<Q, false, true><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk);
+    else scan_mma_kernel<Q, false, false><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk);
+}
+
+/* scan_mmr_kernel<d / 32, FP8, ROWROT> */
+template <int Q>
+static void scan_mmr_launch(bool fp8, bool rowrot, unsigned grid, size_t smem, cudaStream_t st,
+                            const mask_stage_params &p, const mask_rope &rope, const mask_kv &kv,
+                            const uint4 *frag, int MT, int64_t n_grp, int n_qblk, int sbw)
+{
+    const unsigned nt = MASK_SCAN_WARPS * 32;
+    if (fp8 && rowrot) scan_mmr_kernel<Q, true, true><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk, sbw);
+    else if (fp8) scan_mmr_kernel<Q, true, false><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk, sbw);
+    else if (rowrot) scan_mmr_kernel<Q, false, true><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk, sbw);
+    else scan_mmr_kernel<Q, false, false><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk, sbw);
+}
+
 /* scan_fast_kernel<d / 16, heads per warp, NORM> */
 template <int M, int NH>
 static void scan_fast_launch_m(bool norm, dim3 grid, size_t smem, cudaStream_t st,
@@ -1122,6 +1200,8 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
      * near-ties) kept only 0.63-0.77 of the exact lists on the H200 (2026-11-28), below what the
      * CPU reference itself keeps under a 2^-8 perturbation of the queries. */
     int mma_stages = 0;
+    bool mmr = false;
+    int mmr_sb = 32;
     {
         const char *e = getenv("IHIP_MASK_SCAN");
         const bool want_old = e && strcmp(e, "old") == 0;
@@ -1135,13 +1215,25 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
             if (strcmp(em, "mma") == 0) mma_stages = a->layer->scan_rope == HIP_SCAN_CHUNK ? 1 : S;
             else if (strcmp(em, "mma0") == 0) mma_stages = 1;
         }
+        /* relative pruning positions with NORM RoPE over every dim (or none): the mma stages
+         * rotate the probe rows instead of the keys (scan_mmr_kernel) unless IHIP_MASK_MMR=0 */
+        const char *er = getenv("IHIP_MASK_MMR");
+        mmr = mma_stages > 0 && lc->scan_rope == HIP_SCAN_RELATIVE &&
+              (!cr || (cr->style != CPU_ROPE_NEOX && cr->n_rot == d)) && !(er && strcmp(er, "0") == 0);
+        /* its CTA order: super-blocks of this many groups of 8 chunks (IHIP_MASK_MMR_SB, 1..64):
+         * the keys they probe are what the query blocks in flight share through L2 */
+        const char *es = getenv("IHIP_MASK_MMR_SB");
+        if (es) {
+            const int v = atoi(es);
+            if (v >= 1 && v <= 64) mmr_sb = v;
+        }
     }
     /* A fragments of the mma scan, sized for the stage with the most probe rows (allocated
      * before any launch: a growing slot is freed and reallocated) */
     uint4 *frag = NULL;
     if (mma_stages > 0) {
         const size_t n_frag = (size_t)n_qblk * (size_t)H * (size_t)((max_rows + 15) / 16) * 32 * (size_t)(d / 16);
-        frag = (uint4 *)cuda_hip_work_get(w, SLOT_FRAG, sizeof(uint4) * n_frag);
+        frag = (uint4 *)cuda_hip_work_get(w, SLOT_FRAG, sizeof(uint4) * n_frag * (mmr ? 2 : 1));
         if (!frag) return -ENOMEM;
     }
     mask_prof prof;
@@ -1231,14 +1323,27 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
                 const int MT = (p.rmax + 15) / 16;
                 const int64_t n_units = n_qblk * H * MT * 32;
                 const unsigned fgrid = (unsigned)((n_units + 255) / 256);
-                if (d == 128) {
-                    frag_kernel<4><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk);
-                    scan_mma_kernel<4><<<mgrid, MASK_SCAN_WARPS * 32, msm, st>>>(p, rope, mkv, frag, MT, n_grp,
-                                                                                (int)n_qblk);
+                const bool fp8 = kv->dtype == CUDA_KV_FP8;
+                if (mmr) {
+                    const int64_t n_grp8 = (ub[s] + MMR_CH - 1) / MMR_CH;
+                    const unsigned rgrid = (unsigned)(n_grp8 * n_qblk);
+                    const size_t rsm = 16 * (size_t)H * MMR_CH;
+                    /* one m-tile of probe rows: rows rotated (second fragment set); several:
+                     * keys rotated (the fragment traffic would double) */
+                    const bool rowrot = MT == 1;
+                    if (d == 128) {
+                        frag_kernel<4><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, rowrot);
+                        scan_mmr_launch<4>(fp8, rowrot, rgrid, rsm, st, p, rope, mkv, frag, MT, n_grp8, (int)n_qblk, mmr_sb);
+                    } else {
+                        frag_kernel<2><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, rowrot);
+                        scan_mmr_launch<2>(fp8, rowrot, rgrid, rsm, st, p, rope, mkv, frag, MT, n_grp8, (int)n_qblk, mmr_sb);
+                    }
+                } else if (d == 128) {
+                    frag_kernel<4><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, 0);
+                    scan_mma_launch<4>(norm, fp8, mgrid, msm, st, p, rope, mkv, frag, MT, n_grp, (int)n_qblk);
                 } else {
-                    frag_kernel<2><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk);
-                    scan_mma_kernel<2><<<mgrid, MASK_SCAN_WARPS * 32, msm, st>>>(p, rope, mkv, frag, MT, n_grp,
-                                                                                (int)n_qblk);
+                    frag_kernel<2><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, 0);
+                    scan_mma_launch<2>(norm, fp8, mgrid, msm, st, p, rope, mkv, frag, MT, n_grp, (int)n_qblk);
                 }
             } else if (fast) {
                 scan_fast_launch(fast, nh, norm, grid, fsm, st, p, rope, mkv);
