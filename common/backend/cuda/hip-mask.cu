@@ -1212,14 +1212,15 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
         norm = cr && cr->style != CPU_ROPE_NEOX && cr->n_rot == d && (cr->n_rot / 2) % 4 == 0;
         const char *em = getenv("IHIP_MASK_PREFILL");
         if (em && n_tok > 1 && rope_ok && (d == 64 || d == 128)) {
-            if (strcmp(em, "mma") == 0) mma_stages = a->layer->scan_rope == HIP_SCAN_CHUNK ? 1 : S;
+            if (strcmp(em, "mma") == 0) mma_stages = lc->scan_rope == HIP_SCAN_CHUNK ? 1 : S;
             else if (strcmp(em, "mma0") == 0) mma_stages = 1;
         }
-        /* relative pruning positions with NORM RoPE over every dim (or none): the mma stages
-         * rotate the probe rows instead of the keys (scan_mmr_kernel) unless IHIP_MASK_MMR=0 */
+        /* relative pruning positions with no RoPE or `norm` (its stages with several m-tiles
+         * rotate keys in that form): the mma stages rotate the probe rows instead of the keys
+         * (scan_mmr_kernel) unless IHIP_MASK_MMR=0 */
         const char *er = getenv("IHIP_MASK_MMR");
-        mmr = mma_stages > 0 && lc->scan_rope == HIP_SCAN_RELATIVE &&
-              (!cr || (cr->style != CPU_ROPE_NEOX && cr->n_rot == d)) && !(er && strcmp(er, "0") == 0);
+        mmr = mma_stages > 0 && lc->scan_rope == HIP_SCAN_RELATIVE && (!cr || norm) &&
+              !(er && strcmp(er, "0") == 0);
         /* its CTA order: super-blocks of this many groups of 8 chunks (IHIP_MASK_MMR_SB, 1..64):
          * the keys they probe are what the query blocks in flight share through L2 */
         const char *es = getenv("IHIP_MASK_MMR_SB");
