@@ -49,7 +49,10 @@ extern "C" int cuda_hip_bsa(const cuda_hip_args *a, const float *q_dev, int64_t 
         }
         return ak_launch_decode<false>(P, n_max, w, st);
     }
-    if (ak_prefill_mode() == AK_PF_MMA) return ak_prefill_mma(&P, 0, st);
+    if (ak_prefill_mode() == AK_PF_MMA) {
+        rc = ak_prefill_mma(&P, 0, st);
+        if (rc != -ENOTSUP) return rc;
+    }
     int qt = ATTN_ROWS / P.G;
     int nsub = (int)((bq + qt - 1) / qt);
     long long nx = n_qblk * nsub;

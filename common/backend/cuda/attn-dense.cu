@@ -23,7 +23,10 @@ extern "C" int cuda_attn_dense(const cpu_attn_shape *s, const cuda_rope *rope,
     if (n_tok == 1) {
         return ak_launch_decode<true>(P, pos0 + 1, w, st);
     }
-    if (ak_prefill_mode() == AK_PF_MMA) return ak_prefill_mma(&P, 1, st);
+    if (ak_prefill_mode() == AK_PF_MMA) {
+        rc = ak_prefill_mma(&P, 1, st);
+        if (rc != -ENOTSUP) return rc;
+    }
     int qt = ATTN_ROWS / P.G;
     long long nx = (n_tok + qt - 1) / qt;
     if (nx > 0x7fffffffLL) return -EINVAL;

@@ -203,9 +203,20 @@ static __host__ __device__ __forceinline__ ak_blk ak_bsa_block(const attn_params
     return k;
 }
 
-/* Logical key n of block k: token, rotation position, set (AK_NONE = masked / out of list). */
-static __host__ __device__ __forceinline__ int ak_bsa_key(const attn_params &P, const ak_blk &k, long long n,
-                                                 long long *t, long long *vpos)
+/* The selection slot (index into k.idx) that logical key n of block k reads, or -1 (not a
+ * selected key). n < n_sel = ks * bk (a few thousand): 32-bit, not the 64-bit division. */
+static __host__ __device__ __forceinline__ long long ak_bsa_slot(const attn_params &P, const ak_blk &k, long long n)
+{
+    n -= k.n_sink_eff;
+    if (n < 0 || n >= k.n_sel) return -1;
+    return (long long)((unsigned)n / (unsigned)P.bk);
+}
+
+/* Logical key n of block k given s = k.idx[ak_bsa_slot(n)] (anything when the slot is -1):
+ * token, rotation position, set (AK_NONE = masked / out of list). Split from the load so a
+ * pipelined kernel can load s a step ahead. */
+static __host__ __device__ __forceinline__ int ak_bsa_key_s(const attn_params &P, const ak_blk &k, long long n,
+                                                   long long s, long long *t, long long *vpos)
 {
     *t = 0;
     *vpos = 0;
@@ -218,10 +229,8 @@ static __host__ __device__ __forceinline__ int ak_bsa_key(const attn_params &P, 
     }
     n -= k.n_sink_eff;
     if (n < k.n_sel) {
-        /* n < n_sel = ks * bk (a few thousand): 32-bit, not the 64-bit division subroutine */
         const unsigned un = (unsigned)n, ui = un / (unsigned)P.bk;
-        const long long i = (long long)ui, j = (long long)(un - ui * (unsigned)P.bk);
-        long long s = k.idx[i];
+        const long long j = (long long)(un - ui * (unsigned)P.bk);
         if (s < 0 || s >= P.T) return AK_NONE;
         long long tt = s + j;
         if (tt < P.n_sink || tt > k.thr || tt >= P.T) return AK_NONE;
@@ -237,6 +246,14 @@ static __host__ __device__ __forceinline__ int ak_bsa_key(const attn_params &P, 
         return AK_WIN;
     }
     return AK_NONE;
+}
+
+/* Logical key n of block k: token, rotation position, set (AK_NONE = masked / out of list). */
+static __host__ __device__ __forceinline__ int ak_bsa_key(const attn_params &P, const ak_blk &k, long long n,
+                                                 long long *t, long long *vpos)
+{
+    const long long slot = ak_bsa_slot(P, k, n);
+    return ak_bsa_key_s(P, k, n, slot >= 0 ? k.idx[slot] : 0, t, vpos);
 }
 
 static __host__ __device__ __forceinline__ bool ak_valid(const attn_params &P, int set, long long t, long long p)

@@ -13,13 +13,18 @@
  *   - Queries: rotated once at their positions in fp32, scaled by scale*log2(e) (softmax in
  *     base 2), rounded to bf16, kept in registers as A fragments for the whole key loop.
  *   - K/V: bf16 tiles [64][D + 8] in shared memory (8 bf16 of padding: the 8 rows an ldmatrix
- *     phase reads start 4 banks apart), double buffered: bf16 caches are copied with cp.async
- *     (zero-filled for masked keys) while the previous tile is computed; fp8 caches are
- *     converted (value * scale -> bf16) through registers. K is rotated in place in shared
- *     memory after it lands (bf16 -> fp32, rotate, -> bf16). cos/sin: one exact row per tile
- *     (vpos of the tile's first key) times a 64-position table in shared memory (angle
- *     addition); keys whose vpos is not within 64 of the tile's first one (set boundaries,
- *     clamped positions) compute their angle directly (ak_cs, exact).
+ *     phase reads start 4 banks apart), three buffers, one barrier per tile: in step t every
+ *     thread issues the copies of tile t + 2 (bf16: cp.async, zero-filled for masked keys; fp8:
+ *     converted, value * scale -> bf16, through registers), rotates its own landed chunks of
+ *     tile t + 1 in place (bf16 -> fp32, rotate, -> bf16), and computes tile t. Thread tid owns
+ *     key tid / 4 of every tile and D / 32 of its 16-byte chunks, chosen so that both elements of
+ *     every rotation pair are its own (NORM: adjacent chunks; NEOX, n_rot = d only: chunks of the
+ *     two halves), so a rotation needs no barrier after the copies land. (Until 2026-11-29: two
+ *     buffers, the whole block rotating each tile between barriers, four barriers per tile, and
+ *     the H200 ran it at 31 % issue utilisation.) cos/sin: one exact row per tile (vpos of the
+ *     tile's first key, computed with the copies of the tile) times a 64-position table in
+ *     shared memory (angle addition); keys whose vpos is not within 64 of the tile's first one
+ *     (set boundaries, clamped positions) compute their angle directly (ak_cs, exact).
  *   - S = Q K^T with mma (K fragments by ldmatrix.x4), online softmax in fp32 on the
  *     accumulators (row max/sum over the 4 lanes of a row with two xor shuffles), P rounded to
  *     bf16 and reused in registers as the A fragments of O += P V (V fragments by
@@ -61,6 +66,7 @@
 #define PF_THREADS (PF_WARPS * 32)
 #define PF_KT 64      /* keys per tile */
 #define PF_LOG2E 1.4426950408889634f
+#define PF_NB 3       /* K/V tile buffers: loading t + 2, rotating t + 1, computing t */
 
 int ak_prefill_mode(void)
 {
@@ -86,12 +92,12 @@ static __device__ __forceinline__ void pf_pair(int pi, int hr, bool neox, int *e
 template <int D>
 struct pf_layout {
     static constexpr int LDS = D + 8;                       /* bf16 row stride of Q/K/V tiles */
-    static constexpr size_t kv = (size_t)2 * PF_KT * LDS * 2; /* bytes of Ks (or Vs): 2 buffers */
+    static constexpr size_t kv = (size_t)PF_NB * PF_KT * LDS * 2; /* bytes of Ks (or Vs): PF_NB buffers */
     static constexpr size_t tlo = (size_t)PF_KT * (D / 2) * 8; /* float2 [64][D/2] */
-    static constexpr size_t thi = (size_t)2 * (D / 2) * 8;     /* float2 [2][D/2] */
-    static constexpr size_t meta = (size_t)2 * PF_KT * (4 * 8 + 4) + 2 * 8; /* K/V row,t,vpos,set; vb */
+    static constexpr size_t thi = (size_t)PF_NB * (D / 2) * 8; /* float2 [PF_NB][D/2] */
+    static constexpr size_t meta = (size_t)PF_NB * PF_KT * (8 + 4) + PF_NB * 8; /* t, set; vb */
     static constexpr size_t bytes = 2 * kv + tlo + thi + meta;
-    static_assert(2 * PF_KT >= PF_ROWS, "the Q staging tile lives in the two K buffers");
+    static_assert(2 * PF_KT >= PF_ROWS, "the Q staging tile lives in the first two K buffers");
 };
 
 /* ---- the kernel ------------------------------------------------------------------------------- */
@@ -106,17 +112,13 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
     static_assert(PF_THREADS % HD == 0 && D % 16 == 0, "thread -> frequency mapping");
     extern __shared__ uint4 pf_smem4[];
     uint8_t *sm = (uint8_t *)pf_smem4;
-    uint16_t *Ks = (uint16_t *)sm;                 /* [2][64][LDS] */
-    uint16_t *Vs = (uint16_t *)(sm + L::kv);       /* [2][64][LDS] */
+    uint16_t *Ks = (uint16_t *)sm;                 /* [PF_NB][64][LDS] */
+    uint16_t *Vs = (uint16_t *)(sm + L::kv);       /* [PF_NB][64][LDS] */
     float2 *tlo = (float2 *)(sm + 2 * L::kv);      /* [64][HD] */
-    float2 *thi = (float2 *)(sm + 2 * L::kv + L::tlo); /* [2][HD] */
-    /* [2][64] byte addresses of the K and V rows of the tile's keys (ak_rows) */
-    unsigned long long *mka = (unsigned long long *)(sm + 2 * L::kv + L::tlo + L::thi);
-    unsigned long long *mva = mka + 2 * PF_KT;
-    long long *mt = (long long *)(mva + 2 * PF_KT);
-    long long *mvp = mt + 2 * PF_KT;
-    long long *mvb = mvp + 2 * PF_KT; /* [2] */
-    int *mset = (int *)(mvb + 2);     /* [2][64] */
+    float2 *thi = (float2 *)(sm + 2 * L::kv + L::tlo); /* [PF_NB][HD] */
+    long long *mt = (long long *)(sm + 2 * L::kv + L::tlo + L::thi); /* [PF_NB][64] token */
+    long long *mvb = mt + PF_NB * PF_KT;           /* [PF_NB] rotation position of key 0 */
+    int *mset = (int *)(mvb + PF_NB);              /* [PF_NB][64] */
     uint16_t *Qs = Ks;                /* [128][LDS] staging, before the key loop */
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -193,47 +195,46 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
     const long long pA = rowA < nrows ? P.pos0 + r0 + rowA / G : -1;
     const long long pB = rowB < nrows ? P.pos0 + r0 + rowB / G : -1;
 
-    /* key metadata of tile `it` into buffer it & 1; returns this thread's "all valid" vote */
-    auto meta = [&](long long it) -> int {
-        const int bb = (int)(it & 1);
-        const long long k0 = it * PF_KT;
-        int ok = 1;
-        if (tid < PF_KT) {
-            long long n = k0 + tid, t = n, vpos = n;
-            int set = AK_DENSE;
-            if (n >= n_keys) set = AK_NONE;
-            else if (!DENSE) set = ak_bsa_key(P, blk, n, &t, &vpos);
-            mt[bb * PF_KT + tid] = t;
-            mvp[bb * PF_KT + tid] = vpos;
-            mset[bb * PF_KT + tid] = set;
-            const uint8_t *kp, *vq; /* masked: token 0's rows, a valid address never read */
-            ak_rows(P, set != AK_NONE ? t : 0, g, &kp, &vq);
-            mka[bb * PF_KT + tid] = (unsigned long long)(uintptr_t)kp;
-            mva[bb * PF_KT + tid] = (unsigned long long)(uintptr_t)vq;
-            ok = set != AK_NONE && ak_valid(P, set, t, pmin) && ak_valid(P, set, t, pmax);
-        } else if (tid < PF_KT + hr) {
-            const int fi = tid - PF_KT;
-            long long t0 = k0, vb = k0;
-            if (!DENSE) ak_bsa_key(P, blk, k0, &t0, &vb);
-            float c, s;
-            ak_cs(P.inv_freq[fi], vb, &c, &s);
-            thi[bb * HD + fi] = make_float2(c, s);
-            if (fi == 0) mvb[bb] = vb;
-        }
-        return ok;
+    /* Thread -> key kk = tid / 4 of every tile and its 16-byte chunks part + 4 i, i < NCH (part =
+     * tid % 4; a warp's 16-byte accesses then cover 64 contiguous bytes per key): both elements
+     * of every rotation pair are this thread's (NORM: the same chunk; NEOX, n_rot = d: chunk
+     * c < D / 16 of the low half and c + D / 16 = chunk i + NCH / 2), so it rotates its chunks
+     * itself once its own copies have landed (no barrier between landing and rotating). */
+    constexpr int NCH = D / 32;
+    const int kk = tid >> 2, part = tid & 3;
+
+    /* the selection entry my key of tile `it` reads (loaded a step before its use, so the load's
+     * latency is not waited for in the step that issues it) */
+    auto pre = [&](long long it) -> long long {
+        const long long n = it * PF_KT + kk;
+        const long long slot = DENSE || n >= n_keys ? -1 : ak_bsa_slot(P, blk, n);
+        return slot >= 0 ? blk.idx[slot] : 0;
     };
-    /* K/V rows of tile `it` into buffer it & 1 (metadata already visible) */
-    auto load = [&](long long it) {
-        const int bb = (int)(it & 1);
-        uint16_t *kd = Ks + (size_t)bb * PF_KT * LDS, *vd = Vs + (size_t)bb * PF_KT * LDS;
-        for (int c = tid; c < PF_KT * (D / 8); c += PF_THREADS) {
-            const int kk = c / (D / 8), e = (c % (D / 8)) * 8;
-            const bool valid = mset[bb * PF_KT + kk] != AK_NONE;
-            const uint8_t *kp = (const uint8_t *)(uintptr_t)mka[bb * PF_KT + kk];
-            const uint8_t *vq = (const uint8_t *)(uintptr_t)mva[bb * PF_KT + kk];
+    /* metadata and K/V copies of my key of tile `it` into buffer it % PF_NB, given its selection
+     * entry sv (warp 0: the tile's cos/sin row); returns my key's "valid for every query of the
+     * block" vote */
+    auto issue = [&](long long it, long long sv, long long &vp, int &set) -> int {
+        const int bb = (int)(it % PF_NB);
+        const long long n = it * PF_KT + kk;
+        long long t = n;
+        vp = n;
+        set = AK_DENSE;
+        if (n >= n_keys) set = AK_NONE;
+        else if (!DENSE) set = ak_bsa_key_s(P, blk, n, sv, &t, &vp);
+        if (part == 0) {
+            mt[bb * PF_KT + kk] = t;
+            mset[bb * PF_KT + kk] = set;
+        }
+        const bool valid = set != AK_NONE;
+        const uint8_t *kp, *vq; /* masked: token 0's rows, a valid address never read */
+        ak_rows(P, valid ? t : 0, g, &kp, &vq);
+        uint16_t *kd = Ks + ((size_t)bb * PF_KT + kk) * LDS, *vd = Vs + ((size_t)bb * PF_KT + kk) * LDS;
+#pragma unroll
+        for (int i = 0; i < NCH; i++) {
+            const int e = 8 * (part + 4 * i);
             if (P.dtype == CUDA_KV_BF16) {
-                pf_cp16(pf_saddr(kd + kk * LDS + e), (const uint16_t *)kp + e, valid);
-                pf_cp16(pf_saddr(vd + kk * LDS + e), (const uint16_t *)vq + e, valid);
+                pf_cp16(pf_saddr(kd + e), (const uint16_t *)kp + e, valid);
+                pf_cp16(pf_saddr(vd + e), (const uint16_t *)vq + e, valid);
             } else {
                 uint4 kw = make_uint4(0u, 0u, 0u, 0u), vw = kw;
                 if (valid) {
@@ -247,8 +248,80 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
                     vw = make_uint4(pf_pack(x[0], x[1]), pf_pack(x[2], x[3]), pf_pack(x[4], x[5]),
                                     pf_pack(x[6], x[7]));
                 }
-                *(uint4 *)(kd + kk * LDS + e) = kw;
-                *(uint4 *)(vd + kk * LDS + e) = vw;
+                *(uint4 *)(kd + e) = kw;
+                *(uint4 *)(vd + e) = vw;
+            }
+        }
+        if (warp == 0 && hr > 0) { /* the tile's row: vb = vpos of key 0 (thread 0's) */
+            const long long vb = __shfl_sync(0xffffffffu, vp, 0);
+            for (int fi = lane; fi < hr; fi += 32) {
+                float c, s;
+                ak_cs(P.inv_freq[fi], vb, &c, &s);
+                thi[bb * HD + fi] = make_float2(c, s);
+            }
+            if (lane == 0) mvb[bb] = vb;
+        }
+        return valid && ak_valid(P, set, t, pmin) && ak_valid(P, set, t, pmax);
+    };
+    /* rotate my chunks of tile `it` (landed; the tile's cos/sin row published by a barrier):
+     * cos/sin of vpos = vb + dv as the angle sum of the tile's row and the 64-offset table,
+     * exact (ak_cs) where dv is out of the table (set boundaries, clamped positions: rare, so
+     * that path is a plain loop — unrolled, its sincos copies made the kernel 4x larger and
+     * 1.35x slower on the H200) */
+    auto rotate = [&](long long it, long long vp, int set) {
+        if (hr == 0 || set == AK_NONE) return;
+        const int bb = (int)(it % PF_NB);
+        const long long dv = vp - mvb[bb];
+        uint16_t *row = Ks + ((size_t)bb * PF_KT + kk) * LDS;
+        if (dv < 0 || dv >= PF_KT) {
+#pragma unroll 1
+            for (int u = 0; u < 4 * NCH; u++) {
+                /* pair u: NORM (2 fi, 2 fi + 1), fi = 4 c + u % 4; NEOX (fi, fi + D / 2), fi = 8 c + u % 8 */
+                const int c = part + 4 * (neox ? u / 8 : u / 4);
+                const int fi = neox ? 8 * c + u % 8 : 4 * c + u % 4;
+                if (fi >= hr) continue;
+                const int ea = neox ? fi : 2 * fi, eb = neox ? fi + HD : 2 * fi + 1;
+                float cc, ss;
+                ak_cs(P.inv_freq[fi], vp, &cc, &ss);
+                const float a = pf_f32(row[ea]), b = pf_f32(row[eb]);
+                row[ea] = pf_bf16(a * cc - b * ss);
+                row[eb] = pf_bf16(a * ss + b * cc);
+            }
+            return;
+        }
+        const float2 *lo = tlo + (int)dv * HD, *hi = thi + bb * HD;
+        auto rot = [&](float &a, float &b, int fi) {
+            const float2 l = lo[fi], h = hi[fi];
+            const float c = h.x * l.x - h.y * l.y, s = h.y * l.x + h.x * l.y;
+            const float a2 = a * c - b * s;
+            b = a * s + b * c;
+            a = a2;
+        };
+        if (!neox) {
+#pragma unroll
+            for (int i = 0; i < NCH; i++) {
+                const int c0 = part + 4 * i;
+                if (4 * c0 >= hr) continue;
+                uint4 *pa = (uint4 *)(row + 8 * c0);
+                float x[8];
+                ak_unpack_t<false>(*pa, 1.0f, x);
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    if (4 * c0 + q < hr) rot(x[2 * q], x[2 * q + 1], 4 * c0 + q);
+                *pa = make_uint4(pf_pack(x[0], x[1]), pf_pack(x[2], x[3]), pf_pack(x[4], x[5]), pf_pack(x[6], x[7]));
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < NCH / 2; i++) {
+                const int c0 = part + 4 * i;
+                uint4 *pa = (uint4 *)(row + 8 * c0), *pb = (uint4 *)(row + 8 * (c0 + D / 16));
+                float x[8], y[8];
+                ak_unpack_t<false>(*pa, 1.0f, x);
+                ak_unpack_t<false>(*pb, 1.0f, y);
+#pragma unroll
+                for (int q = 0; q < 8; q++) rot(x[q], y[q], 8 * c0 + q);
+                *pa = make_uint4(pf_pack(x[0], x[1]), pf_pack(x[2], x[3]), pf_pack(x[4], x[5]), pf_pack(x[6], x[7]));
+                *pb = make_uint4(pf_pack(y[0], y[1]), pf_pack(y[2], y[3]), pf_pack(y[4], y[5]), pf_pack(y[6], y[7]));
             }
         }
     };
@@ -256,142 +329,114 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     float o[NDT][4];
 #pragma unroll
-    for (int j = 0; j < NDT; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    for (int jj = 0; jj < NDT; jj++) o[jj][0] = o[jj][1] = o[jj][2] = o[jj][3] = 0.0f;
 
+    /* Pipeline, one barrier per tile: in step it every thread issues the copies of tile it + 2,
+     * rotates its own landed chunks of tile it + 1, and computes tile it (rotated in step
+     * it - 1); the barrier ending step it publishes tile it + 1's rotation and tile it + 2's
+     * metadata and frees tile it's buffers. */
     const long long n_tiles = (n_keys + PF_KT - 1) / PF_KT;
-    int full = 0;
-    if (n_tiles > 0) {
-        full = __syncthreads_and(meta(0)); /* also: every warp has its Q fragments (Qs = Ks) */
-        load(0);
+    __syncthreads(); /* every warp has its Q fragments: the staging rows are K buffers 0-1 */
+    long long vp1 = 0, vp2 = 0, sv = n_tiles > 0 ? pre(0) : 0;
+    int set1 = AK_NONE, set2 = AK_NONE, full_cur = 0, full_nxt = 0;
+    /* steps -2 and -1 only issue tiles 0, 1 and rotate tile 0 (one call site each: smaller code) */
+    for (long long it = -2; it < n_tiles; it++) {
+        const int bb = (int)((it + PF_NB) % PF_NB);
+        int ok2 = 1;
+        if (it + 2 < n_tiles) ok2 = issue(it + 2, sv, vp2, set2);
+        sv = it + 3 < n_tiles ? pre(it + 3) : 0;
         pf_commit();
-    }
-    for (long long it = 0; it < n_tiles; it++) {
-        const int bb = (int)(it & 1);
-        int full_next = 0;
-        __syncthreads(); /* tile it - 1 consumed: its buffers take tile it + 1 */
-        if (it + 1 < n_tiles) {
-            full_next = __syncthreads_and(meta(it + 1));
-            load(it + 1);
-        }
-        pf_commit();
-        pf_wait<1>(); /* tile it landed (this thread's copies) */
-        __syncthreads();
-        /* rotate the keys of tile it in place */
-        uint16_t *kt = Ks + (size_t)bb * PF_KT * LDS;
-        if (hr > 0) {
-            const long long vb = mvb[bb];
-            /* thread -> frequency tid % HD (compile-time division), keys tid / HD + k * step */
-            const int fi = tid % HD;
-            /* (masked keys are zero rows: rotating them is harmless, no test needed; dense
-             * keys are contiguous: vpos = k0 + kk) */
-            int ea = 0, eb = 0;
-            float2 hi = make_float2(1.0f, 0.0f);
-            if (fi < hr) {
-                pf_pair(fi, hr, neox, &ea, &eb);
-                hi = thi[bb * HD + fi];
-            }
-            for (int kk = tid / HD; kk < PF_KT && fi < hr; kk += PF_THREADS / HD) {
-                const long long vp = DENSE ? vb + kk : mvp[bb * PF_KT + kk], dv = vp - vb;
-                float c, s;
-                if (dv >= 0 && dv < PF_KT) {
-                    float2 lo = tlo[(int)dv * HD + fi];
-                    c = hi.x * lo.x - hi.y * lo.y;
-                    s = hi.y * lo.x + hi.x * lo.y;
-                } else if (mset[bb * PF_KT + kk] != AK_NONE) {
-                    ak_cs(P.inv_freq[fi], vp, &c, &s);
-                } else {
-                    c = 1.0f;
-                    s = 0.0f;
-                }
-                uint16_t *row = kt + kk * LDS;
-                float a = pf_f32(row[ea]), b = pf_f32(row[eb]);
-                row[ea] = pf_bf16(a * c - b * s);
-                row[eb] = pf_bf16(a * s + b * c);
-            }
-            __syncthreads();
-        }
+        pf_wait<1>(); /* my copies of tile it + 1 */
+        if (it + 1 >= 0 && it + 1 < n_tiles) rotate(it + 1, vp1, set1);
+        if (it >= 0) {
+            uint16_t *kt = Ks + (size_t)bb * PF_KT * LDS;
 
-        /* S = Q K^T: 16 rows x 64 keys per warp */
-        float s[NKT][4];
+            /* S = Q K^T: 16 rows x 64 keys per warp */
+            float s[NKT][4];
 #pragma unroll
-        for (int j = 0; j < NKT; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-        {
-            /* ldmatrix row address of this lane: key (lane/16)*8 + lane%8, dim ((lane/8)&1)*8 */
-            const uint32_t kbase =
-                pf_saddr(kt + ((lane >> 4) * 8 + (lane & 7)) * LDS + ((lane >> 3) & 1) * 8);
+            for (int j = 0; j < NKT; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            {
+                /* ldmatrix row address of this lane: key (lane/16)*8 + lane%8, dim ((lane/8)&1)*8 */
+                const uint32_t kbase =
+                    pf_saddr(kt + ((lane >> 4) * 8 + (lane & 7)) * LDS + ((lane >> 3) & 1) * 8);
 #pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
+                for (int kk = 0; kk < D / 16; kk++) {
 #pragma unroll
-                for (int jp = 0; jp < NKT / 2; jp++) {
-                    uint32_t r[4];
-                    pf_ldm4(r, kbase + (uint32_t)((jp * 16 * LDS + kk * 16) * 2));
-                    pf_mma(s[2 * jp], qf[kk], r[0], r[1]);
-                    pf_mma(s[2 * jp + 1], qf[kk], r[2], r[3]);
+                    for (int jp = 0; jp < NKT / 2; jp++) {
+                        uint32_t r[4];
+                        pf_ldm4(r, kbase + (uint32_t)((jp * 16 * LDS + kk * 16) * 2));
+                        pf_mma(s[2 * jp], qf[kk], r[0], r[1]);
+                        pf_mma(s[2 * jp + 1], qf[kk], r[2], r[3]);
+                    }
+                }
+            }
+            /* mask */
+            if (!full_cur) {
+#pragma unroll
+                for (int j = 0; j < NKT; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int key = bb * PF_KT + j * 8 + 2 * tig + e;
+                        const int set = mset[key];
+                        const long long t = mt[key];
+                        if (!ak_valid(P, set, t, pA)) s[j][e] = -INFINITY;
+                        if (!ak_valid(P, set, t, pB)) s[j][2 + e] = -INFINITY;
+                    }
+            }
+            /* online softmax (base 2), rows A (s[.][0..1]) and B (s[.][2..3]) */
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int j = 0; j < NKT; j++) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float mn = fmaxf(m[h], mx);
+                const float mu = mn == -INFINITY ? 0.0f : mn;
+                const float corr = pf_ex2(m[h] - mu);
+                float rs = 0.0f;
+#pragma unroll
+                for (int j = 0; j < NKT; j++) {
+                    s[j][2 * h] = pf_ex2(s[j][2 * h] - mu);
+                    s[j][2 * h + 1] = pf_ex2(s[j][2 * h + 1] - mu);
+                    rs += s[j][2 * h] + s[j][2 * h + 1];
+                }
+                l[h] = l[h] * corr + rs;
+                m[h] = mn;
+#pragma unroll
+                for (int j = 0; j < NDT; j++) {
+                    o[j][2 * h] *= corr;
+                    o[j][2 * h + 1] *= corr;
+                }
+            }
+            /* O += P V */
+            {
+                const uint16_t *vt = Vs + (size_t)bb * PF_KT * LDS;
+                /* ldmatrix.trans row address: key ((lane/8)&1)*8 + lane%8, dim (lane/16)*8 */
+                const uint32_t vbase =
+                    pf_saddr(vt + (((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + (lane >> 4) * 8);
+#pragma unroll
+                for (int kj = 0; kj < NKT / 2; kj++) {
+                    uint32_t pa[4];
+                    pa[0] = pf_pack(s[2 * kj][0], s[2 * kj][1]);
+                    pa[1] = pf_pack(s[2 * kj][2], s[2 * kj][3]);
+                    pa[2] = pf_pack(s[2 * kj + 1][0], s[2 * kj + 1][1]);
+                    pa[3] = pf_pack(s[2 * kj + 1][2], s[2 * kj + 1][3]);
+#pragma unroll
+                    for (int dp = 0; dp < NDT / 2; dp++) {
+                        uint32_t r[4];
+                        pf_ldm4t(r, vbase + (uint32_t)((kj * 16 * LDS + dp * 16) * 2));
+                        pf_mma(o[2 * dp], pa, r[0], r[1]);
+                        pf_mma(o[2 * dp + 1], pa, r[2], r[3]);
+                    }
                 }
             }
         }
-        /* mask */
-        if (!full) {
-#pragma unroll
-            for (int j = 0; j < NKT; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int key = bb * PF_KT + j * 8 + 2 * tig + e;
-                    const int set = mset[key];
-                    const long long t = mt[key];
-                    if (!ak_valid(P, set, t, pA)) s[j][e] = -INFINITY;
-                    if (!ak_valid(P, set, t, pB)) s[j][2 + e] = -INFINITY;
-                }
-        }
-        /* online softmax (base 2), rows A (s[.][0..1]) and B (s[.][2..3]) */
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            float mx = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < NKT; j++) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float mn = fmaxf(m[h], mx);
-            const float mu = mn == -INFINITY ? 0.0f : mn;
-            const float corr = pf_ex2(m[h] - mu);
-            float rs = 0.0f;
-#pragma unroll
-            for (int j = 0; j < NKT; j++) {
-                s[j][2 * h] = pf_ex2(s[j][2 * h] - mu);
-                s[j][2 * h + 1] = pf_ex2(s[j][2 * h + 1] - mu);
-                rs += s[j][2 * h] + s[j][2 * h + 1];
-            }
-            l[h] = l[h] * corr + rs;
-            m[h] = mn;
-#pragma unroll
-            for (int j = 0; j < NDT; j++) {
-                o[j][2 * h] *= corr;
-                o[j][2 * h + 1] *= corr;
-            }
-        }
-        /* O += P V */
-        {
-            const uint16_t *vt = Vs + (size_t)bb * PF_KT * LDS;
-            /* ldmatrix.trans row address: key ((lane/8)&1)*8 + lane%8, dim (lane/16)*8 */
-            const uint32_t vbase =
-                pf_saddr(vt + (((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + (lane >> 4) * 8);
-#pragma unroll
-            for (int kj = 0; kj < NKT / 2; kj++) {
-                uint32_t pa[4];
-                pa[0] = pf_pack(s[2 * kj][0], s[2 * kj][1]);
-                pa[1] = pf_pack(s[2 * kj][2], s[2 * kj][3]);
-                pa[2] = pf_pack(s[2 * kj + 1][0], s[2 * kj + 1][1]);
-                pa[3] = pf_pack(s[2 * kj + 1][2], s[2 * kj + 1][3]);
-#pragma unroll
-                for (int dp = 0; dp < NDT / 2; dp++) {
-                    uint32_t r[4];
-                    pf_ldm4t(r, vbase + (uint32_t)((kj * 16 * LDS + dp * 16) * 2));
-                    pf_mma(o[2 * dp], pa, r[0], r[1]);
-                    pf_mma(o[2 * dp + 1], pa, r[2], r[3]);
-                }
-            }
-        }
-        full = full_next;
+        const int v = __syncthreads_and(ok2);
+        full_cur = full_nxt;
+        full_nxt = v;
+        vp1 = vp2;
+        set1 = set2;
     }
     pf_wait<0>();
 
@@ -430,6 +475,8 @@ static int pf_launch(const attn_params &P, unsigned nx, int qt, int nsub, cudaSt
 int ak_prefill_mma(const attn_params *P, int dense, cudaStream_t st)
 {
     if (!P || P->G < 1 || P->G > 8 || (P->d != 64 && P->d != 128) || P->n_tok < 1) return -EINVAL;
+    /* each thread rotates the chunks it loads: NEOX pairs must be the two halves */
+    if (P->inv_freq && P->rope_style == CPU_ROPE_NEOX && P->n_rot != P->d) return -ENOTSUP;
     const int qt = PF_ROWS / P->G;
     long long nx;
     int nsub = 1;

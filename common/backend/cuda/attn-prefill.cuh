@@ -19,7 +19,8 @@ enum { AK_PF_MMA = 0, AK_PF_FP32 = 1 };
 int ak_prefill_mode(void);
 
 /* Launch the tensor-core prefill over all n_tok queries of P (dense != 0: causal dense list;
- * else the BSA list of P.idx/P.ks). P comes from ak_setup (d 64 or 128, G <= 8). */
+ * else the BSA list of P.idx/P.ks). P comes from ak_setup (d 64 or 128, G <= 8); -ENOTSUP for
+ * NEOX RoPE over part of the head (n_rot < d): the caller then uses the fp32 kernel. */
 int ak_prefill_mma(const attn_params *P, int dense, cudaStream_t st);
 
 /* BSA decode (n_tok 1) on tensor cores (attn-decode-mma.cu) over n_keys (an upper bound of the

@@ -403,38 +403,60 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 3)
  * approximations of the exact scores; test-cuda-mask bounds their lists' overlap with the exact
  * lists).
  *
- * One CTA per (8 candidate chunks, query block), 8 warps, warp w descends heads w, w+8, ... for
- * the 8 chunks in lockstep; lane (gid, tig) loads chunk gid's left and right probe keys (dims
- * 32q + 8tig .. + 7) as the B columns gid of two n8 tiles (left tile against A0, right tile
- * against A1); C gives lane (gid, tig) rows gid, gid + 8 of chunks 2tig, 2tig + 1, reduced over
- * gid by shuffles; the 4 lanes of chunk gid hold its descent state.
+ * Layout: one CTA per (64 candidate chunks, query block, KV head g), wph warps per head of the
+ * KV group (rounds of at most MMR_NW heads; wph = 1 with one m-tile, 2 with several: on the
+ * H200 two warps per head made stage 2 1.1x faster and stages 0-1 1.05x slower). A round puts its heads' first fragment sets in
+ * shared memory (and each warp, ROWROT, the second set in registers) once; a head's warps then
+ * descend its 64 chunks 8 at a time (wph = 2: every other pass of 8); lane (gid, tig) loads chunk gid's
+ * left and right probe keys (dims 32q + 8tig .. + 7) as the B columns gid of two n8 tiles (left
+ * tile against A0, right tile against A1); C gives lane (gid, tig) rows gid, gid + 8 of chunks
+ * 2tig, 2tig + 1, reduced over gid by shuffles; the 4 lanes of chunk gid hold its descent
+ * state. The heads of
+ * the group are reduced in the CTA into part[g][b][c] (mm_part), the groups by
+ * mm_part_reduce_kernel — the same first-max over the heads in head order as the exact kernels.
+ * Why this layout (H200, ncu, 2026-11-29): with one CTA over all 32 heads of 8 chunks the
+ * stage-0 scan had an L2 hit rate of 52 % (the keys probed by the query blocks in flight were
+ * those of all 8 KV heads: ~128 MB per super-block of chunks) and reloaded A0 from L1 every
+ * pass; now the CTAs in flight share one KV head's keys, and A0 is read from shared memory.
  *
  * ROWROT = false (stages with several m-tiles of probe rows, where the second fragment set
- * would double the fragment traffic that bounds them): only the first set; the right keys are
- * rotated to position 1 in fp32 and rounded (scan_mma_kernel's scores, 8 chunks per CTA).
- * Registers fitted to 2 CTAs per SM (fitted to 3 they spilled ~120 bytes and the prefill
- * estimate was 1.4x slower on the H200). */
-#define MMR_CH 8
+ * would double the fragment traffic): only the first set; the right keys are rotated to
+ * position 1 in fp32 and rounded (scan_mma_kernel's scores). Registers fitted to 16 warps per
+ * SM (fitted to 24 they spilled ~120 bytes and the prefill estimate was 1.4x slower). */
+#define MMR_CH 8  /* chunks of one pass */
+#define MMR_NG 8  /* passes of 8 chunks per CTA: 64 chunks per head's fragment load */
+#define MMR_NW 4  /* heads per round of a CTA (fewer when the KV group has fewer heads) */
+#define MMR_WPH 2 /* max warps per head (stage 2: two, each taking every other 8-chunk pass) */
+
+/* one (KV group, chunk) result: the best winning score of the group's heads that probed and
+ * its representative's offset from the chunk's L0; off < 0: no head probed */
+struct mm_part {
+    float best;
+    int off;
+};
 
 template <int Q, bool FP8, bool ROWROT>
-static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
+static __global__ void __launch_bounds__(MMR_NW * MMR_WPH * 32, 2)
     scan_mmr_kernel(mask_stage_params p, mask_rope rope, mask_kv kv, const uint4 *__restrict__ frag,
-                    int MT, int64_t n_grp, int n_qblk, int sbw)
+                    mm_part *__restrict__ part, int MT, int64_t n_grp, int n_qblk, int sbw, int wph)
 {
-    /* the CTA order of scan_mma_kernel with super-blocks of sbw groups of 8 chunks */
+    constexpr int CH = MMR_CH * MMR_NG;
     int b;
     int64_t c0;
-    mm_cta_place(sbw, n_grp, n_qblk, MMR_CH, &b, &c0);
+    mm_cta_place(sbw, n_grp, n_qblk, CH, &b, &c0);
     const int64_t n = stage_count(p, b);
     if (c0 >= n) return;
-    const int H = p.H;
-    extern __shared__ float4 smem4[];
-    int64_t *hrep = (int64_t *)smem4;            /* [H][MMR_CH] */
-    float *hbest = (float *)(hrep + H * MMR_CH); /* [H][MMR_CH] */
-    int *hany = (int *)(hbest + H * MMR_CH);     /* [H][MMR_CH] */
-
+    const int g = blockIdx.y, G = p.G, h0 = g * G;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int gid = lane >> 2, tig = lane & 3;
+    /* gp heads per round, wph warps per head: warp w takes head w % gp of the round and the
+     * 8-chunk passes w / gp, + wph, ... */
+    const int gp = (int)(blockDim.x >> 5) / wph, hw = warp % gp, half = warp / gp;
+    const int nfr = MT * (2 * Q) * 32; /* uint4 words of one head's fragment set */
+    extern __shared__ uint4 smem_u4[];
+    uint4 *sa = smem_u4 + (size_t)hw * nfr;                      /* this warp's head's A0 */
+    float *hbest = (float *)(smem_u4 + (size_t)gp * nfr);        /* [G][CH] */
+    int *hoff = (int *)(hbest + G * CH);                         /* [G][CH] */
     /* !ROWROT: the right keys are rotated to position 1 here instead (as scan_mma_kernel does,
      * so the scores are scan_mma_kernel's), and only the first fragment set is read */
     __shared__ float2 cs1[ROWROT ? 1 : 16 * Q];
@@ -444,158 +466,231 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 2)
         __syncthreads();
     }
 
-    /* chunk gid of the group: range, passes, 32-bit limits */
-    const int64_t c = c0 + gid;
-    const mask_chunk ck = mask_chunk_of(p, b, c, n);
-    const int64_t L0 = ck.L0;
-    const int span = ck.span, np = ck.np, lim_T = ck.lim_T, lim_thr = ck.lim_thr;
-    const int maxpass = __reduce_max_sync(0xffffffffu, np);
-
     const int nq = (int)min((int64_t)p.bq, p.n_tok - (int64_t)b * p.bq);
     const int nrow = (nq + p.stride - 1) / p.stride;
     const int nmt = (nrow + 15) / 16;
     const bool contig = !kv.pc && !kv.a.kptr && !kv.a.page;
     const size_t tstride = (size_t)kv.a.hkv * (size_t)kv.a.row_bytes;
-    const size_t set1 = (size_t)n_qblk * H * MT * (2 * Q) * 32; /* A1 after A0 */
-    const int eoff = (FP8 ? 1 : 2) * 8 * tig;                   /* this lane's first dim, bytes */
+    const size_t set1 = (size_t)n_qblk * p.H * nfr; /* A1 after A0 */
+    const int eoff = (FP8 ? 1 : 2) * 8 * tig;       /* this lane's first dim, bytes */
+    const uint8_t *kb = contig ? kv.a.k + (size_t)g * (size_t)kv.a.row_bytes : nullptr;
 
-    for (int h = warp; h < H; h += MASK_SCAN_WARPS) {
-        const int g = h / p.G;
-        const uint8_t *kb = contig ? kv.a.k + (size_t)g * (size_t)kv.a.row_bytes : nullptr;
-        const uint4 *fh = frag + ((size_t)b * H + h) * MT * (2 * Q) * 32;
-        int l = 0, r = span;
-        float best = MASK_SCORE_INIT;
-        bool any = false, alive = c < n;
-        /* ROWROT (one m-tile): the head's second fragment set stays in registers over its
-         * passes (reloading both every pass made the kernel L1-throughput bound on the H200: 86 %;
-         * both in registers spilled and were slower than this) */
+    for (int hr0 = 0; hr0 < G; hr0 += gp) {
+        const int hi = hr0 + hw;
+        const uint4 *fh = frag + ((size_t)b * p.H + h0 + min(hi, G - 1)) * nfr;
+        if (hi < G)
+            for (int i = lane + 32 * half; i < nmt * (2 * Q) * 32; i += 32 * wph) sa[i] = fh[i];
+        /* ROWROT (one m-tile): the second fragment set stays in registers over the head's
+         * passes (both in registers spilled and were slower on the H200) */
         uint32_t ha1[ROWROT ? 2 * Q : 1][4];
-        if (ROWROT) mm_frag_a(ha1, fh + set1, 2 * Q, lane);
-
-        for (int it = 0; it < maxpass; it++) {
-            if (it >= np || !(l <= lim_thr && l < r)) alive = false;
-            if (!__any_sync(0xffffffffu, alive)) break;
-            const int mid = (l + r) >> 1; /* both >= 0 */
-            const int pl = (l + mid) >> 1, pr = (mid + r) >> 1;
-            const bool hl = alive && pl < lim_T, hr = alive && pr < lim_T;
-            /* a key that is not probed loads token 0; its scores are replaced by -inf below */
-            const int64_t tl = hl ? L0 + pl : 0, tr = hr ? L0 + pr : 0;
-            const uint8_t *rl = (contig ? kb + (size_t)tl * tstride : kv_key(kv, tl, g)) + eoff;
-            const uint8_t *rr = (contig ? kb + (size_t)tr * tstride : kv_key(kv, tr, g)) + eoff;
+        if (ROWROT && hi < G) mm_frag_a(ha1, fh + set1, 2 * Q, lane);
+        __syncthreads(); /* the round's A0 */
+        for (int sg = half; hi < G && sg < MMR_NG && c0 + sg * MMR_CH < n; sg += wph) {
+            const int64_t c = c0 + sg * MMR_CH + gid;
+            const mask_chunk ck = mask_chunk_of(p, b, c, n);
+            const int64_t L0 = ck.L0;
+            const int span = ck.span, np = ck.np, lim_T = ck.lim_T, lim_thr = ck.lim_thr;
+            const int maxpass = __reduce_max_sync(0xffffffffu, np);
+            int l = 0, r = span;
+            float best = MASK_SCORE_INIT;
+            bool any = false, alive = c < n, wl = false;
             uint32_t bl[2 * Q][2], br[2 * Q][2];
+            for (int it = 0; it < maxpass; it++) {
+                if (it >= np || !(l <= lim_thr && l < r)) alive = false;
+                if (!__any_sync(0xffffffffu, alive)) break;
+                const int mid = (l + r) >> 1; /* both >= 0 */
+                const int pl = (l + mid) >> 1, pr = (mid + r) >> 1;
+                const bool hl = alive && pl < lim_T, hr = alive && pr < lim_T;
+                /* a key that is not probed loads token 0; its scores are replaced by -inf below */
+                const int64_t tl = hl ? L0 + pl : 0, tr = hr ? L0 + pr : 0;
+                const uint8_t *rl = (contig ? kb + (size_t)tl * tstride : kv_key(kv, tl, g)) + eoff;
+                const uint8_t *rr = (contig ? kb + (size_t)tr * tstride : kv_key(kv, tr, g)) + eoff;
+                /* ROWROT: a pass over one key (range 1, not the first pass) probes the previous
+                 * pass's winning key — its left probe if the descent went left, else its right
+                 * one — at both positions; with A1 holding the rotation its words serve both
+                 * sides and are still in bl / br: nothing to load (the final pass of a chunk of
+                 * 256 keys) */
+                if (ROWROT && it > 0 && r - l == 1) {
 #pragma unroll
-            for (int q = 0; q < Q; q++) {
-                if (!FP8 && !ROWROT) {
-                    /* left: the raw words (position 0 rotates nothing); right: rotated */
-                    const uint4 x = *(const uint4 *)(rl + 64 * q), y = *(const uint4 *)(rr + 64 * q);
-                    bl[2 * q][0] = x.x;
-                    bl[2 * q][1] = x.y;
-                    bl[2 * q + 1][0] = x.z;
-                    bl[2 * q + 1][1] = x.w;
-                    float v[8];
-                    const uint32_t wy[4] = {y.x, y.y, y.z, y.w};
-                    mm_decode<false>(wy, 1.0f, v);
-                    if (rope.on) mm_rope_norm<true>(v, 32 * q + 8 * tig, cs1, 0, 0);
-                    br[2 * q][0] = pf_pack(v[0], v[1]);
-                    br[2 * q][1] = pf_pack(v[2], v[3]);
-                    br[2 * q + 1][0] = pf_pack(v[4], v[5]);
-                    br[2 * q + 1][1] = pf_pack(v[6], v[7]);
-                } else if (!FP8) {
-                    const uint4 x = *(const uint4 *)(rl + 64 * q), y = *(const uint4 *)(rr + 64 * q);
-                    bl[2 * q][0] = x.x;
-                    bl[2 * q][1] = x.y;
-                    bl[2 * q + 1][0] = x.z;
-                    bl[2 * q + 1][1] = x.w;
-                    br[2 * q][0] = y.x;
-                    br[2 * q][1] = y.y;
-                    br[2 * q + 1][0] = y.z;
-                    br[2 * q + 1][1] = y.w;
-                } else {
-                    const uint2 x = *(const uint2 *)(rl + 32 * q), y = *(const uint2 *)(rr + 32 * q);
-                    float u[8], v[8];
-                    const uint32_t wx[4] = {x.x, x.y, 0u, 0u}, wy[4] = {y.x, y.y, 0u, 0u};
-                    mm_decode<true>(wx, kv.k_scale, u);
-                    mm_decode<true>(wy, kv.k_scale, v);
-                    if (!ROWROT && rope.on) mm_rope_norm<true>(v, 32 * q + 8 * tig, cs1, 0, 0);
-                    bl[2 * q][0] = pf_pack(u[0], u[1]);
-                    bl[2 * q][1] = pf_pack(u[2], u[3]);
-                    bl[2 * q + 1][0] = pf_pack(u[4], u[5]);
-                    bl[2 * q + 1][1] = pf_pack(u[6], u[7]);
-                    br[2 * q][0] = pf_pack(v[0], v[1]);
-                    br[2 * q][1] = pf_pack(v[2], v[3]);
-                    br[2 * q + 1][0] = pf_pack(v[4], v[5]);
-                    br[2 * q + 1][1] = pf_pack(v[6], v[7]);
+                    for (int ks = 0; ks < 2 * Q; ks++) {
+                        const uint32_t w0 = wl ? bl[ks][0] : br[ks][0], w1 = wl ? bl[ks][1] : br[ks][1];
+                        bl[ks][0] = br[ks][0] = w0;
+                        bl[ks][1] = br[ks][1] = w1;
+                    }
+                } else
+#pragma unroll
+                for (int q = 0; q < Q; q++) {
+                    if (!FP8 && !ROWROT) {
+                        /* left: the raw words (position 0 rotates nothing); right: rotated */
+                        const uint4 x = *(const uint4 *)(rl + 64 * q), y = *(const uint4 *)(rr + 64 * q);
+                        bl[2 * q][0] = x.x;
+                        bl[2 * q][1] = x.y;
+                        bl[2 * q + 1][0] = x.z;
+                        bl[2 * q + 1][1] = x.w;
+                        float v[8];
+                        const uint32_t wy[4] = {y.x, y.y, y.z, y.w};
+                        mm_decode<false>(wy, 1.0f, v);
+                        if (rope.on) mm_rope_norm<true>(v, 32 * q + 8 * tig, cs1, 0, 0);
+                        br[2 * q][0] = pf_pack(v[0], v[1]);
+                        br[2 * q][1] = pf_pack(v[2], v[3]);
+                        br[2 * q + 1][0] = pf_pack(v[4], v[5]);
+                        br[2 * q + 1][1] = pf_pack(v[6], v[7]);
+                    } else if (!FP8) {
+                        const uint4 x = *(const uint4 *)(rl + 64 * q), y = *(const uint4 *)(rr + 64 * q);
+                        bl[2 * q][0] = x.x;
+                        bl[2 * q][1] = x.y;
+                        bl[2 * q + 1][0] = x.z;
+                        bl[2 * q + 1][1] = x.w;
+                        br[2 * q][0] = y.x;
+                        br[2 * q][1] = y.y;
+                        br[2 * q + 1][0] = y.z;
+                        br[2 * q + 1][1] = y.w;
+                    } else {
+                        const uint2 x = *(const uint2 *)(rl + 32 * q), y = *(const uint2 *)(rr + 32 * q);
+                        float u[8], v[8];
+                        const uint32_t wx[4] = {x.x, x.y, 0u, 0u}, wy[4] = {y.x, y.y, 0u, 0u};
+                        mm_decode<true>(wx, kv.k_scale, u);
+                        mm_decode<true>(wy, kv.k_scale, v);
+                        if (!ROWROT && rope.on) mm_rope_norm<true>(v, 32 * q + 8 * tig, cs1, 0, 0);
+                        bl[2 * q][0] = pf_pack(u[0], u[1]);
+                        bl[2 * q][1] = pf_pack(u[2], u[3]);
+                        bl[2 * q + 1][0] = pf_pack(u[4], u[5]);
+                        bl[2 * q + 1][1] = pf_pack(u[6], u[7]);
+                        br[2 * q][0] = pf_pack(v[0], v[1]);
+                        br[2 * q][1] = pf_pack(v[2], v[3]);
+                        br[2 * q + 1][0] = pf_pack(v[4], v[5]);
+                        br[2 * q + 1][1] = pf_pack(v[6], v[7]);
+                    }
                 }
-            }
-            /* lane: rows gid, gid + 8 of chunks 2tig (x0) and 2tig + 1 (x1) */
-            float ml0 = -FLT_MAX, ml1 = -FLT_MAX, mr0 = -FLT_MAX, mr1 = -FLT_MAX;
-            for (int mt = 0; mt < nmt; mt++) {
-                float cl[4] = {0.0f, 0.0f, 0.0f, 0.0f}, cr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                /* lane: rows gid, gid + 8 of chunks 2tig (x0) and 2tig + 1 (x1) */
+                float ml0 = -FLT_MAX, ml1 = -FLT_MAX, mr0 = -FLT_MAX, mr1 = -FLT_MAX;
+                /* m-tile mt's scores (score rounding, then the rows that exist) into the maxima */
+                auto fold = [&](float(&cl)[4], float(&cr)[4], int mt) {
+                    if (p.score_bf16) {
+#pragma unroll
+                        for (int x = 0; x < 4; x++) {
+                            cl[x] = round_bf16_d(cl[x]);
+                            cr[x] = round_bf16_d(cr[x]);
+                        }
+                    }
+                    if (16 * mt + gid < nrow) {
+                        ml0 = fmaxf(ml0, cl[0]);
+                        ml1 = fmaxf(ml1, cl[1]);
+                        mr0 = fmaxf(mr0, cr[0]);
+                        mr1 = fmaxf(mr1, cr[1]);
+                    }
+                    if (16 * mt + gid + 8 < nrow) {
+                        ml0 = fmaxf(ml0, cl[2]);
+                        ml1 = fmaxf(ml1, cl[3]);
+                        mr0 = fmaxf(mr0, cr[2]);
+                        mr1 = fmaxf(mr1, cr[3]);
+                    }
+                };
                 if (ROWROT) {
-                    const uint4 *f0 = fh + (size_t)mt * (2 * Q) * 32 + lane;
+                    /* two accumulator chains per side (even / odd k-steps), summed: half the
+                     * dependent mma latency of a pass */
+                    float cl[2][4] = {}, cr[2][4] = {};
 #pragma unroll
                     for (int ks = 0; ks < 2 * Q; ks++) {
-                        const uint4 x = f0[ks * 32];
+                        const uint4 x = sa[ks * 32 + lane];
                         const uint32_t a0[4] = {x.x, x.y, x.z, x.w};
-                        pf_mma(cl, a0, bl[ks][0], bl[ks][1]);
-                        pf_mma(cr, ha1[ks], br[ks][0], br[ks][1]);
+                        pf_mma(cl[ks & 1], a0, bl[ks][0], bl[ks][1]);
+                        pf_mma(cr[ks & 1], ha1[ks], br[ks][0], br[ks][1]);
                     }
-                } else {
-                    const uint4 *f0 = fh + (size_t)mt * (2 * Q) * 32 + lane;
-#pragma unroll
-                    for (int ks = 0; ks < 2 * Q; ks++) {
-                        const uint4 x = f0[ks * 32];
-                        const uint32_t a0[4] = {x.x, x.y, x.z, x.w};
-                        pf_mma(cl, a0, bl[ks][0], bl[ks][1]);
-                        pf_mma(cr, a0, br[ks][0], br[ks][1]);
-                    }
-                }
-                if (p.score_bf16) {
 #pragma unroll
                     for (int x = 0; x < 4; x++) {
-                        cl[x] = round_bf16_d(cl[x]);
-                        cr[x] = round_bf16_d(cr[x]);
+                        cl[0][x] += cl[1][x];
+                        cr[0][x] += cr[1][x];
+                    }
+                    fold(cl[0], cr[0], 0);
+                } else {
+                    /* two m-tiles at a time: four independent accumulator chains */
+                    for (int mt = 0; mt < nmt; mt += 2) {
+                        const uint4 *f0 = sa + mt * (2 * Q) * 32 + lane;
+                        float cl0[4] = {}, cr0[4] = {}, cl1[4] = {}, cr1[4] = {};
+                        if (mt + 1 < nmt) {
+#pragma unroll
+                            for (int ks = 0; ks < 2 * Q; ks++) {
+                                const uint4 x = f0[ks * 32], y = f0[(2 * Q + ks) * 32];
+                                const uint32_t a0[4] = {x.x, x.y, x.z, x.w}, a1[4] = {y.x, y.y, y.z, y.w};
+                                pf_mma(cl0, a0, bl[ks][0], bl[ks][1]);
+                                pf_mma(cr0, a0, br[ks][0], br[ks][1]);
+                                pf_mma(cl1, a1, bl[ks][0], bl[ks][1]);
+                                pf_mma(cr1, a1, br[ks][0], br[ks][1]);
+                            }
+                            fold(cl0, cr0, mt);
+                            fold(cl1, cr1, mt + 1);
+                        } else {
+#pragma unroll
+                            for (int ks = 0; ks < 2 * Q; ks++) {
+                                const uint4 x = f0[ks * 32];
+                                const uint32_t a0[4] = {x.x, x.y, x.z, x.w};
+                                pf_mma(cl0, a0, bl[ks][0], bl[ks][1]);
+                                pf_mma(cr0, a0, br[ks][0], br[ks][1]);
+                            }
+                            fold(cl0, cr0, mt);
+                        }
                     }
                 }
-                if (16 * mt + gid < nrow) {
-                    ml0 = fmaxf(ml0, cl[0]);
-                    ml1 = fmaxf(ml1, cl[1]);
-                    mr0 = fmaxf(mr0, cr[0]);
-                    mr1 = fmaxf(mr1, cr[1]);
-                }
-                if (16 * mt + gid + 8 < nrow) {
-                    ml0 = fmaxf(ml0, cl[2]);
-                    ml1 = fmaxf(ml1, cl[3]);
-                    mr0 = fmaxf(mr0, cr[2]);
-                    mr1 = fmaxf(mr1, cr[3]);
-                }
-            }
 #pragma unroll
-            for (int o = 4; o < 32; o <<= 1) {
-                ml0 = fmaxf(ml0, __shfl_xor_sync(0xffffffffu, ml0, o));
-                ml1 = fmaxf(ml1, __shfl_xor_sync(0xffffffffu, ml1, o));
-                mr0 = fmaxf(mr0, __shfl_xor_sync(0xffffffffu, mr0, o));
-                mr1 = fmaxf(mr1, __shfl_xor_sync(0xffffffffu, mr1, o));
+                for (int o = 4; o < 32; o <<= 1) {
+                    ml0 = fmaxf(ml0, __shfl_xor_sync(0xffffffffu, ml0, o));
+                    ml1 = fmaxf(ml1, __shfl_xor_sync(0xffffffffu, ml1, o));
+                    mr0 = fmaxf(mr0, __shfl_xor_sync(0xffffffffu, mr0, o));
+                    mr1 = fmaxf(mr1, __shfl_xor_sync(0xffffffffu, mr1, o));
+                }
+                /* chunk gid's maxima are in lane gid / 2 (x0 for even gid, x1 for odd) */
+                const int src = gid >> 1;
+                const float a0 = __shfl_sync(0xffffffffu, ml0, src), a1 = __shfl_sync(0xffffffffu, ml1, src);
+                const float b0 = __shfl_sync(0xffffffffu, mr0, src), b1 = __shfl_sync(0xffffffffu, mr1, src);
+                const float sl = (gid & 1) ? a1 : a0, sr = (gid & 1) ? b1 : b0;
+                if (alive) {
+                    mask_descend(hl, hr, sl, sr, mid, l, r, best, any);
+                    wl = r == mid;
+                }
             }
-            /* chunk gid's maxima are in lane gid / 2 (x0 for even gid, x1 for odd) */
-            const int src = gid >> 1;
-            const float a0 = __shfl_sync(0xffffffffu, ml0, src), a1 = __shfl_sync(0xffffffffu, ml1, src);
-            const float b0 = __shfl_sync(0xffffffffu, mr0, src), b1 = __shfl_sync(0xffffffffu, mr1, src);
-            const float sl = (gid & 1) ? a1 : a0, sr = (gid & 1) ? b1 : b0;
-            if (alive) mask_descend(hl, hr, sl, sr, mid, l, r, best, any);
+            if (tig == 0) {
+                hbest[hi * CH + sg * MMR_CH + gid] = best;
+                hoff[hi * CH + sg * MMR_CH + gid] = any ? l : -1;
+            }
         }
-        if (tig == 0) {
-            hrep[h * MMR_CH + gid] = L0 + l;
-            hbest[h * MMR_CH + gid] = best;
-            hany[h * MMR_CH + gid] = any;
+        __syncthreads(); /* the next round overwrites sa */
+    }
+    /* the group's heads, in head order: the first best wins */
+    for (int j = threadIdx.x; j < CH; j += blockDim.x) {
+        if (c0 + j >= n) break;
+        float cb = MASK_SCORE_INIT;
+        int off = -1;
+        for (int hi = 0; hi < G; hi++) {
+            const int o = hoff[hi * CH + j];
+            if (o >= 0 && (off < 0 || hbest[hi * CH + j] > cb)) {
+                cb = hbest[hi * CH + j];
+                off = o;
+            }
+        }
+        part[((size_t)g * n_qblk + b) * p.ub + c0 + j] = mm_part{cb, off};
+    }
+}
+
+/* score[b][c], rep[b][c] from the KV groups' results, in group (= head) order; no head probed:
+ * the chunk's start (as the exact kernels) */
+static __global__ void mm_part_reduce_kernel(mask_stage_params p, const mm_part *__restrict__ part,
+                                             int n_qblk)
+{
+    const int b = blockIdx.y;
+    const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= stage_count(p, b)) return;
+    int64_t L0, R0;
+    mask_cand(p, b, c, &L0, &R0);
+    float cb = MASK_SCORE_INIT;
+    int off = -1;
+    for (int g = 0; g < p.Hkv; g++) {
+        const mm_part x = part[((size_t)g * n_qblk + b) * p.ub + c];
+        if (x.off >= 0 && (off < 0 || x.best > cb)) {
+            cb = x.best;
+            off = x.off;
         }
     }
-    __syncthreads();
-    if (threadIdx.x < MMR_CH && c0 + (int64_t)threadIdx.x < n) {
-        const int j = threadIdx.x;
-        const int64_t cj = c0 + j;
-        /* no head probed: the chunk's start (as the exact kernels) */
-        const int64_t start = !p.L ? p.n_sink + cj * p.lc0 : p.L[(size_t)b * p.ub + cj];
-        mask_head_reduce(p, b, cj, hany, hbest, hrep, MMR_CH, j, start);
-    }
+    p.score[(size_t)b * p.ub + c] = cb;
+    p.rep[(size_t)b * p.ub + c] = L0 + max(off, 0);
 }

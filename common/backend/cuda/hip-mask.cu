@@ -48,7 +48,7 @@
 #define MASK_SELECT_MAX_P 16384 /* largest sorted list (pow2) the select kernel holds */
 #define MASK_ROPE_TAB_MAX 65536 /* positions of the per-call cos/sin table */
 
-enum { SLOT_TAB = CUDA_SLOT_MASK0, SLOT_ROWS, SLOT_SCORE, SLOT_REP, SLOT_FRAG };
+enum { SLOT_TAB = CUDA_SLOT_MASK0, SLOT_ROWS, SLOT_SCORE, SLOT_REP, SLOT_FRAG, SLOT_PART };
 
 /* ---- small device helpers ------------------------------------------------------------------- */
 
@@ -1104,17 +1104,28 @@ static void scan_mma_launch(bool norm, bool fp8, unsigned grid, size_t smem, cud
     else scan_mma_kernel<Q, false, false><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk);
 }
 
-/* scan_mmr_kernel<d / 32, FP8, ROWROT> */
+/* scan_mmr_kernel<d / 32, FP8, ROWROT> over grid (n_grp64 * n_qblk, Hkv), then the reduction of
+ * the KV groups' results */
 template <int Q>
-static void scan_mmr_launch(bool fp8, bool rowrot, unsigned grid, size_t smem, cudaStream_t st,
-                            const mask_stage_params &p, const mask_rope &rope, const mask_kv &kv,
-                            const uint4 *frag, int MT, int64_t n_grp, int n_qblk, int sbw)
+static int scan_mmr_launch(bool fp8, bool rowrot, cudaStream_t st, const mask_stage_params &p,
+                           const mask_rope &rope, const mask_kv &kv, const uint4 *frag, mm_part *part,
+                           int MT, int n_qblk, int sbw)
 {
-    const unsigned nt = MASK_SCAN_WARPS * 32;
-    if (fp8 && rowrot) scan_mmr_kernel<Q, true, true><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk, sbw);
-    else if (fp8) scan_mmr_kernel<Q, true, false><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk, sbw);
-    else if (rowrot) scan_mmr_kernel<Q, false, true><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk, sbw);
-    else scan_mmr_kernel<Q, false, false><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk, sbw);
+    const int64_t n_grp = (p.ub + MMR_CH * MMR_NG - 1) / (MMR_CH * MMR_NG);
+    if (n_grp * n_qblk > INT32_MAX) return -EINVAL;
+    const int gp = p.G < MMR_NW ? p.G : MMR_NW, wph = MT == 1 ? 1 : MMR_WPH;
+    const dim3 grid((unsigned)(n_grp * n_qblk), (unsigned)p.Hkv);
+    const size_t smem = (size_t)gp * MT * (2 * Q) * 32 * sizeof(uint4) + (size_t)p.G * MMR_CH * MMR_NG * 8;
+    auto k = fp8 && rowrot ? scan_mmr_kernel<Q, true, true>
+             : fp8         ? scan_mmr_kernel<Q, true, false>
+             : rowrot      ? scan_mmr_kernel<Q, false, true>
+                           : scan_mmr_kernel<Q, false, false>;
+    if (smem > 48 * 1024) CUDA_TRY(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    k<<<grid, 32 * gp * wph, smem, st>>>(p, rope, kv, frag, part, MT, n_grp, n_qblk, sbw, wph);
+    int rc = mask_fail_launch("scan_mmr_kernel");
+    if (rc) return rc;
+    mm_part_reduce_kernel<<<dim3((unsigned)((p.ub + 255) / 256), (unsigned)n_qblk), 256, 0, st>>>(p, part, n_qblk);
+    return mask_fail_launch("mm_part_reduce_kernel");
 }
 
 /* scan_fast_kernel<d / 16, heads per warp, NORM> */
@@ -1237,6 +1248,12 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
         frag = (uint4 *)cuda_hip_work_get(w, SLOT_FRAG, sizeof(uint4) * n_frag * (mmr ? 2 : 1));
         if (!frag) return -ENOMEM;
     }
+    /* scan_mmr_kernel's per-KV-group results */
+    mm_part *part = NULL;
+    if (mmr) {
+        part = (mm_part *)cuda_hip_work_get(w, SLOT_PART, sizeof(mm_part) * (size_t)Hkv * (size_t)n_qblk * (size_t)max_ub);
+        if (!part) return -ENOMEM;
+    }
     mask_prof prof;
     prof_begin(&prof, st);
 
@@ -1326,19 +1343,19 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
                 const unsigned fgrid = (unsigned)((n_units + 255) / 256);
                 const bool fp8 = kv->dtype == CUDA_KV_FP8;
                 if (mmr) {
-                    const int64_t n_grp8 = (ub[s] + MMR_CH - 1) / MMR_CH;
-                    const unsigned rgrid = (unsigned)(n_grp8 * n_qblk);
-                    const size_t rsm = 16 * (size_t)H * MMR_CH;
                     /* one m-tile of probe rows: rows rotated (second fragment set); several:
                      * keys rotated (the fragment traffic would double) */
                     const bool rowrot = MT == 1;
+                    /* super-blocks of mmr_sb groups of 8 chunks, in CTAs of 64 */
+                    const int sbw = (mmr_sb + MMR_NG - 1) / MMR_NG;
                     if (d == 128) {
                         frag_kernel<4><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, rowrot);
-                        scan_mmr_launch<4>(fp8, rowrot, rgrid, rsm, st, p, rope, mkv, frag, MT, n_grp8, (int)n_qblk, mmr_sb);
+                        rc = scan_mmr_launch<4>(fp8, rowrot, st, p, rope, mkv, frag, part, MT, (int)n_qblk, sbw);
                     } else {
                         frag_kernel<2><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, rowrot);
-                        scan_mmr_launch<2>(fp8, rowrot, rgrid, rsm, st, p, rope, mkv, frag, MT, n_grp8, (int)n_qblk, mmr_sb);
+                        rc = scan_mmr_launch<2>(fp8, rowrot, st, p, rope, mkv, frag, part, MT, (int)n_qblk, sbw);
                     }
+                    if (rc) return rc;
                 } else if (d == 128) {
                     frag_kernel<4><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, 0);
                     scan_mma_launch<4>(norm, fp8, mgrid, msm, st, p, rope, mkv, frag, MT, n_grp, (int)n_qblk);
