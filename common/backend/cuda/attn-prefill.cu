@@ -89,25 +89,31 @@ static __device__ __forceinline__ void pf_pair(int pi, int hr, bool neox, int *e
 
 /* ---- shared memory layout ----------------------------------------------------------------------- */
 
-template <int D>
+template <int D, int MW>
 struct pf_layout {
     static constexpr int LDS = D + 8;                       /* bf16 row stride of Q/K/V tiles */
     static constexpr size_t kv = (size_t)PF_NB * PF_KT * LDS * 2; /* bytes of Ks (or Vs): PF_NB buffers */
     static constexpr size_t tlo = (size_t)PF_KT * (D / 2) * 8; /* float2 [64][D/2] */
     static constexpr size_t thi = (size_t)PF_NB * (D / 2) * 8; /* float2 [PF_NB][D/2] */
-    static constexpr size_t meta = (size_t)PF_NB * PF_KT * (8 + 4) + PF_NB * 8; /* t, set; vb */
-    static constexpr size_t bytes = 2 * kv + tlo + thi + meta;
-    static_assert(2 * PF_KT >= PF_ROWS, "the Q staging tile lives in the first two K buffers");
+    /* t, set; vb — rounded to 16 bytes (the Q tile after it is read by ldmatrix) */
+    static constexpr size_t meta = ((size_t)PF_NB * PF_KT * (8 + 4) + PF_NB * 8 + 15) / 16 * 16;
+    /* MW > 1: the queries stay in shared memory (A fragments by ldmatrix); MW = 1: they are
+     * staged in the first two K buffers and kept in registers */
+    static constexpr size_t qs = MW > 1 ? (size_t)PF_ROWS * MW * LDS * 2 : 0;
+    static constexpr size_t bytes = 2 * kv + tlo + thi + meta + qs;
+    static_assert(MW > 1 || 2 * PF_KT >= PF_ROWS, "the Q staging tile lives in the first two K buffers");
 };
 
 /* ---- the kernel ------------------------------------------------------------------------------- */
 
-/* grid.x = query tiles (dense: ceil(n_tok / QT); BSA: n_qblk * sub-tiles), grid.y = KV head */
-template <int D, bool DENSE>
+/* grid.x = query tiles (dense: ceil(n_tok / QT); BSA: n_qblk * sub-tiles), grid.y = KV head;
+ * MW m-tiles (16 rows each) per warp: 128 MW rows per block */
+template <int D, bool DENSE, int MW>
 __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
     ak_pf_mma_kernel(attn_params P, int qt, int nsub)
 {
-    typedef pf_layout<D> L;
+    typedef pf_layout<D, MW> L;
+    constexpr int ROWS = PF_ROWS * MW;
     constexpr int LDS = L::LDS, HD = D / 2, NKT = PF_KT / 8, NDT = D / 8;
     static_assert(PF_THREADS % HD == 0 && D % 16 == 0, "thread -> frequency mapping");
     extern __shared__ uint4 pf_smem4[];
@@ -119,7 +125,7 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
     long long *mt = (long long *)(sm + 2 * L::kv + L::tlo + L::thi); /* [PF_NB][64] token */
     long long *mvb = mt + PF_NB * PF_KT;           /* [PF_NB] rotation position of key 0 */
     int *mset = (int *)(mvb + PF_NB);              /* [PF_NB][64] */
-    uint16_t *Qs = Ks;                /* [128][LDS] staging, before the key loop */
+    uint16_t *Qs = MW > 1 ? (uint16_t *)(sm + L::bytes - L::qs) : Ks; /* [ROWS][LDS] */
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int gid = lane >> 2, tig = lane & 3;
@@ -147,7 +153,7 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
 
     /* queries: rotated at their positions, scaled by scale * log2(e), bf16, staged in Qs */
     const float qscale = P.scale * PF_LOG2E;
-    for (int i = tid; i < PF_ROWS * HD; i += PF_THREADS) {
+    for (int i = tid; i < ROWS * HD; i += PF_THREADS) {
         int r = i / HD, pi = i % HD, ea, eb;
         pf_pair(pi, hr, neox, &ea, &eb);
         float a = 0.0f, b = 0.0f;
@@ -178,8 +184,8 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
         tlo[j * HD + fi] = make_float2(c, s);
     }
     __syncthreads();
-    uint32_t qf[D / 16][4];
-    {
+    uint32_t qf[MW == 1 ? D / 16 : 1][4];
+    if (MW == 1) {
         const uint16_t *qa = Qs + (warp * 16 + gid) * LDS + 2 * tig;
         const uint16_t *qb = qa + 8 * LDS;
 #pragma unroll
@@ -190,10 +196,18 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
             qf[kk][3] = *(const uint32_t *)(qb + 16 * kk + 8);
         }
     }
-    /* my rows: warp * 16 + gid (A) and + 8 (B); -1 = no query (masked everywhere) */
-    const int rowA = warp * 16 + gid, rowB = rowA + 8;
-    const long long pA = rowA < nrows ? P.pos0 + r0 + rowA / G : -1;
-    const long long pB = rowB < nrows ? P.pos0 + r0 + rowB / G : -1;
+    /* my rows of m-tile mi: 16 (MW warp + mi) + gid (A) and + 8 (B); position -1 = no query
+     * (masked everywhere) */
+    long long pA[MW], pB[MW];
+#pragma unroll
+    for (int mi = 0; mi < MW; mi++) {
+        const int rowA = 16 * (MW * warp + mi) + gid, rowB = rowA + 8;
+        pA[mi] = rowA < nrows ? P.pos0 + r0 + rowA / G : -1;
+        pB[mi] = rowB < nrows ? P.pos0 + r0 + rowB / G : -1;
+    }
+    /* MW > 1: ldmatrix address of this lane in the warp's first m-tile of Qs (row lane % 16,
+     * dims (lane / 16) 8: the A fragment of a 16 x 16 tile) */
+    const uint32_t qbase = pf_saddr(Qs + (16 * MW * warp + (lane & 15)) * LDS + (lane >> 4) * 8);
 
     /* Thread -> key kk = tid / 4 of every tile and its 16-byte chunks part + 4 i, i < NCH (part =
      * tid % 4; a warp's 16-byte accesses then cover 64 contiguous bytes per key): both elements
@@ -326,10 +340,14 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
         }
     };
 
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    float o[NDT][4];
+    float m[MW][2], l[MW][2], o[MW][NDT][4];
 #pragma unroll
-    for (int jj = 0; jj < NDT; jj++) o[jj][0] = o[jj][1] = o[jj][2] = o[jj][3] = 0.0f;
+    for (int mi = 0; mi < MW; mi++) {
+        m[mi][0] = m[mi][1] = -INFINITY;
+        l[mi][0] = l[mi][1] = 0.0f;
+#pragma unroll
+        for (int jj = 0; jj < NDT; jj++) o[mi][jj][0] = o[mi][jj][1] = o[mi][jj][2] = o[mi][jj][3] = 0.0f;
+    }
 
     /* Pipeline, one barrier per tile: in step it every thread issues the copies of tile it + 2,
      * rotates its own landed chunks of tile it + 1, and computes tile it (rotated in step
@@ -351,7 +369,9 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
         if (it >= 0) {
             uint16_t *kt = Ks + (size_t)bb * PF_KT * LDS;
 
-            /* S = Q K^T: 16 rows x 64 keys per warp */
+#pragma unroll
+            for (int mi = 0; mi < MW; mi++) {
+            /* S = Q K^T: 16 rows x 64 keys per m-tile */
             float s[NKT][4];
 #pragma unroll
             for (int j = 0; j < NKT; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
@@ -361,12 +381,15 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
                     pf_saddr(kt + ((lane >> 4) * 8 + (lane & 7)) * LDS + ((lane >> 3) & 1) * 8);
 #pragma unroll
                 for (int kk = 0; kk < D / 16; kk++) {
+                    uint32_t qa[4];
+                    if (MW > 1) pf_ldm4(qa, qbase + (uint32_t)((mi * 16 * LDS + kk * 16) * 2));
+                    const uint32_t *q4 = MW > 1 ? qa : qf[MW > 1 ? 0 : kk];
 #pragma unroll
                     for (int jp = 0; jp < NKT / 2; jp++) {
                         uint32_t r[4];
                         pf_ldm4(r, kbase + (uint32_t)((jp * 16 * LDS + kk * 16) * 2));
-                        pf_mma(s[2 * jp], qf[kk], r[0], r[1]);
-                        pf_mma(s[2 * jp + 1], qf[kk], r[2], r[3]);
+                        pf_mma(s[2 * jp], q4, r[0], r[1]);
+                        pf_mma(s[2 * jp + 1], q4, r[2], r[3]);
                     }
                 }
             }
@@ -379,8 +402,8 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
                         const int key = bb * PF_KT + j * 8 + 2 * tig + e;
                         const int set = mset[key];
                         const long long t = mt[key];
-                        if (!ak_valid(P, set, t, pA)) s[j][e] = -INFINITY;
-                        if (!ak_valid(P, set, t, pB)) s[j][2 + e] = -INFINITY;
+                        if (!ak_valid(P, set, t, pA[mi])) s[j][e] = -INFINITY;
+                        if (!ak_valid(P, set, t, pB[mi])) s[j][2 + e] = -INFINITY;
                     }
             }
             /* online softmax (base 2), rows A (s[.][0..1]) and B (s[.][2..3]) */
@@ -391,9 +414,9 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
                 for (int j = 0; j < NKT; j++) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float mn = fmaxf(m[h], mx);
+                const float mn = fmaxf(m[mi][h], mx);
                 const float mu = mn == -INFINITY ? 0.0f : mn;
-                const float corr = pf_ex2(m[h] - mu);
+                const float corr = pf_ex2(m[mi][h] - mu);
                 float rs = 0.0f;
 #pragma unroll
                 for (int j = 0; j < NKT; j++) {
@@ -401,12 +424,12 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
                     s[j][2 * h + 1] = pf_ex2(s[j][2 * h + 1] - mu);
                     rs += s[j][2 * h] + s[j][2 * h + 1];
                 }
-                l[h] = l[h] * corr + rs;
-                m[h] = mn;
+                l[mi][h] = l[mi][h] * corr + rs;
+                m[mi][h] = mn;
 #pragma unroll
                 for (int j = 0; j < NDT; j++) {
-                    o[j][2 * h] *= corr;
-                    o[j][2 * h + 1] *= corr;
+                    o[mi][j][2 * h] *= corr;
+                    o[mi][j][2 * h + 1] *= corr;
                 }
             }
             /* O += P V */
@@ -426,10 +449,11 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
                     for (int dp = 0; dp < NDT / 2; dp++) {
                         uint32_t r[4];
                         pf_ldm4t(r, vbase + (uint32_t)((kj * 16 * LDS + dp * 16) * 2));
-                        pf_mma(o[2 * dp], pa, r[0], r[1]);
-                        pf_mma(o[2 * dp + 1], pa, r[2], r[3]);
+                        pf_mma(o[mi][2 * dp], pa, r[0], r[1]);
+                        pf_mma(o[mi][2 * dp + 1], pa, r[2], r[3]);
                     }
                 }
+            }
             }
         }
         const int v = __syncthreads_and(ok2);
@@ -442,11 +466,12 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
 
     /* normalise and write: row sums over the 4 lanes of a row */
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        float ls = l[h];
+    for (int x = 0; x < 2 * MW; x++) {
+        const int mi = x >> 1, h = x & 1;
+        float ls = l[mi][h];
         ls += __shfl_xor_sync(0xffffffffu, ls, 1);
         ls += __shfl_xor_sync(0xffffffffu, ls, 2);
-        const int r = h ? rowB : rowA;
+        const int r = 16 * (MW * warp + mi) + gid + 8 * h;
         if (r >= nrows) continue;
         const long long tok = r0 + r / G;
         const int hh = g * G + r % G;
@@ -454,20 +479,20 @@ __global__ void __launch_bounds__(PF_THREADS, D == 64 ? 2 : 1)
         float *out = P.out + ((size_t)tok * P.H + hh) * D + 2 * tig;
 #pragma unroll
         for (int j = 0; j < NDT; j++)
-            *(float2 *)(out + 8 * j) = make_float2(o[j][2 * h] * inv, o[j][2 * h + 1] * inv);
+            *(float2 *)(out + 8 * j) = make_float2(o[mi][j][2 * h] * inv, o[mi][j][2 * h + 1] * inv);
     }
 }
 
 /* ---- host side ------------------------------------------------------------------------------ */
 
-template <int D, bool DENSE>
+template <int D, bool DENSE, int MW>
 static int pf_launch(const attn_params &P, unsigned nx, int qt, int nsub, cudaStream_t st)
 {
-    const size_t smem = pf_layout<D>::bytes;
-    CUDA_TRY(cudaFuncSetAttribute(ak_pf_mma_kernel<D, DENSE>,
+    const size_t smem = pf_layout<D, MW>::bytes;
+    CUDA_TRY(cudaFuncSetAttribute(ak_pf_mma_kernel<D, DENSE, MW>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid(nx, (unsigned)P.hkv);
-    ak_pf_mma_kernel<D, DENSE><<<grid, PF_THREADS, smem, st>>>(P, qt, nsub);
+    ak_pf_mma_kernel<D, DENSE, MW><<<grid, PF_THREADS, smem, st>>>(P, qt, nsub);
     CUDA_TRY(cudaGetLastError());
     return 0;
 }
@@ -477,7 +502,12 @@ int ak_prefill_mma(const attn_params *P, int dense, cudaStream_t st)
     if (!P || P->G < 1 || P->G > 8 || (P->d != 64 && P->d != 128) || P->n_tok < 1) return -EINVAL;
     /* each thread rotates the chunks it loads: NEOX pairs must be the two halves */
     if (P->inv_freq && P->rope_style == CPU_ROPE_NEOX && P->n_rot != P->d) return -ENOTSUP;
-    const int qt = PF_ROWS / P->G;
+    /* d 128: two m-tiles per warp (256 rows per block: the tile's copies and rotation serve
+     * twice the rows; H200: BSA 14.5 -> see RESULTS.md) unless IHIP_ATTN_PF_MW=1; d 64: one
+     * (two blocks per SM) */
+    const char *emw = getenv("IHIP_ATTN_PF_MW");
+    const int mw = P->d == 128 && !(emw && strcmp(emw, "1") == 0) ? 2 : 1;
+    const int qt = PF_ROWS * mw / P->G;
     long long nx;
     int nsub = 1;
     if (dense) {
@@ -491,8 +521,11 @@ int ak_prefill_mma(const attn_params *P, int dense, cudaStream_t st)
     if (nx == 0) return 0;
     if (nx > 0x7fffffffLL) return -EINVAL;
     if (P->d == 64)
-        return dense ? pf_launch<64, true>(*P, (unsigned)nx, qt, nsub, st)
-                     : pf_launch<64, false>(*P, (unsigned)nx, qt, nsub, st);
-    return dense ? pf_launch<128, true>(*P, (unsigned)nx, qt, nsub, st)
-                 : pf_launch<128, false>(*P, (unsigned)nx, qt, nsub, st);
+        return dense ? pf_launch<64, true, 1>(*P, (unsigned)nx, qt, nsub, st)
+                     : pf_launch<64, false, 1>(*P, (unsigned)nx, qt, nsub, st);
+    if (mw == 2)
+        return dense ? pf_launch<128, true, 2>(*P, (unsigned)nx, qt, nsub, st)
+                     : pf_launch<128, false, 2>(*P, (unsigned)nx, qt, nsub, st);
+    return dense ? pf_launch<128, true, 1>(*P, (unsigned)nx, qt, nsub, st)
+                 : pf_launch<128, false, 1>(*P, (unsigned)nx, qt, nsub, st);
 }

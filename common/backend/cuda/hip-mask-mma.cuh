@@ -435,8 +435,8 @@ struct mm_part {
     int off;
 };
 
-template <int Q, bool FP8, bool ROWROT>
-static __global__ void __launch_bounds__(MMR_NW * MMR_WPH * 32, 2)
+template <int Q, bool FP8, bool ROWROT, bool A0R>
+static __global__ void __launch_bounds__(A0R ? MMR_NW * 32 : MMR_NW * MMR_WPH * 32, A0R ? 3 : 2)
     scan_mmr_kernel(mask_stage_params p, mask_rope rope, mask_kv kv, const uint4 *__restrict__ frag,
                     mm_part *__restrict__ part, int MT, int64_t n_grp, int n_qblk, int sbw, int wph)
 {
@@ -478,8 +478,12 @@ static __global__ void __launch_bounds__(MMR_NW * MMR_WPH * 32, 2)
     for (int hr0 = 0; hr0 < G; hr0 += gp) {
         const int hi = hr0 + hw;
         const uint4 *fh = frag + ((size_t)b * p.H + h0 + min(hi, G - 1)) * nfr;
-        if (hi < G)
+        if (hi < G && !A0R)
             for (int i = lane + 32 * half; i < nmt * (2 * Q) * 32; i += 32 * wph) sa[i] = fh[i];
+        /* A0R (ROWROT only): the first set in registers too (fewer warps per SM, no shared-memory
+         * reads per pass) */
+        uint32_t ha0[A0R ? 2 * Q : 1][4];
+        if (A0R && hi < G) mm_frag_a(ha0, fh, 2 * Q, lane);
         /* ROWROT (one m-tile): the second fragment set stays in registers over the head's
          * passes (both in registers spilled and were slower on the H200) */
         uint32_t ha1[ROWROT ? 2 * Q : 1][4];
@@ -592,9 +596,9 @@ static __global__ void __launch_bounds__(MMR_NW * MMR_WPH * 32, 2)
                     float cl[2][4] = {}, cr[2][4] = {};
 #pragma unroll
                     for (int ks = 0; ks < 2 * Q; ks++) {
-                        const uint4 x = sa[ks * 32 + lane];
+                        const uint4 x = A0R ? make_uint4(0u, 0u, 0u, 0u) : sa[ks * 32 + lane];
                         const uint32_t a0[4] = {x.x, x.y, x.z, x.w};
-                        pf_mma(cl[ks & 1], a0, bl[ks][0], bl[ks][1]);
+                        pf_mma(cl[ks & 1], A0R ? ha0[ks] : a0, bl[ks][0], bl[ks][1]);
                         pf_mma(cr[ks & 1], ha1[ks], br[ks][0], br[ks][1]);
                     }
 #pragma unroll

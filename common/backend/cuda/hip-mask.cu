@@ -221,11 +221,14 @@ static __global__ void prep_kernel(mask_stage_params p, mask_rope rope, const fl
     const int nrow = (nq + p.stride - 1) / p.stride;
     const int64_t cc = stage_count(p, b);
     const int n_units = rope.on ? rope.half + (d - rope.n_rot) : d;
-    for (int r = 0; r < nrow; r++) {
+    /* every (row, unit) pair to its own thread (d 128: 64 units, so a loop over rows left half
+     * of the 128 threads idle) */
+    for (int w = threadIdx.x; w < nrow * n_units; w += blockDim.x) {
+        const int r = w / n_units, u = w - r * n_units;
         float *row = p.rows + (((size_t)b * p.H + h) * p.rmax + r) * (size_t)d;
         const int i0 = r * p.stride, i1 = min(nq, i0 + p.stride);
         const float inv = __fdiv_rn(1.0f, (float)(i1 - i0));
-        for (int u = threadIdx.x; u < n_units; u += blockDim.x) {
+        {
             int e0, e1 = -1;
             if (rope.on && u < rope.half) rope_elems(rope, u, &e0, &e1);
             else e0 = rope.on ? rope.n_rot + (u - rope.half) : u;
@@ -1107,7 +1110,7 @@ static void scan_mma_launch(bool norm, bool fp8, unsigned grid, size_t smem, cud
 /* scan_mmr_kernel<d / 32, FP8, ROWROT> over grid (n_grp64 * n_qblk, Hkv), then the reduction of
  * the KV groups' results */
 template <int Q>
-static int scan_mmr_launch(bool fp8, bool rowrot, cudaStream_t st, const mask_stage_params &p,
+static int scan_mmr_launch(bool fp8, bool rowrot, bool a0r, cudaStream_t st, const mask_stage_params &p,
                            const mask_rope &rope, const mask_kv &kv, const uint4 *frag, mm_part *part,
                            int MT, int n_qblk, int sbw)
 {
@@ -1116,10 +1119,12 @@ static int scan_mmr_launch(bool fp8, bool rowrot, cudaStream_t st, const mask_st
     const int gp = p.G < MMR_NW ? p.G : MMR_NW, wph = MT == 1 ? 1 : MMR_WPH;
     const dim3 grid((unsigned)(n_grp * n_qblk), (unsigned)p.Hkv);
     const size_t smem = (size_t)gp * MT * (2 * Q) * 32 * sizeof(uint4) + (size_t)p.G * MMR_CH * MMR_NG * 8;
-    auto k = fp8 && rowrot ? scan_mmr_kernel<Q, true, true>
-             : fp8         ? scan_mmr_kernel<Q, true, false>
-             : rowrot      ? scan_mmr_kernel<Q, false, true>
-                           : scan_mmr_kernel<Q, false, false>;
+    auto k = fp8 && a0r      ? scan_mmr_kernel<Q, true, true, true>
+             : fp8 && rowrot ? scan_mmr_kernel<Q, true, true, false>
+             : fp8           ? scan_mmr_kernel<Q, true, false, false>
+             : a0r           ? scan_mmr_kernel<Q, false, true, true>
+             : rowrot        ? scan_mmr_kernel<Q, false, true, false>
+                             : scan_mmr_kernel<Q, false, false, false>;
     if (smem > 48 * 1024) CUDA_TRY(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     k<<<grid, 32 * gp * wph, smem, st>>>(p, rope, kv, frag, part, MT, n_grp, n_qblk, sbw, wph);
     int rc = mask_fail_launch("scan_mmr_kernel");
@@ -1213,6 +1218,7 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
     int mma_stages = 0;
     bool mmr = false;
     int mmr_sb = 32;
+    bool mmr_a0r = true;
     {
         const char *e = getenv("IHIP_MASK_SCAN");
         const bool want_old = e && strcmp(e, "old") == 0;
@@ -1239,6 +1245,10 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
             const int v = atoi(es);
             if (v >= 1 && v <= 64) mmr_sb = v;
         }
+        /* IHIP_MASK_MMR_A0R=0: stage 0 reads its first fragment set from shared memory (16 warps
+         * per SM) instead of registers (12) — 1.06x slower on the H200, kept to compare */
+        const char *ea = getenv("IHIP_MASK_MMR_A0R");
+        if (ea && strcmp(ea, "0") == 0) mmr_a0r = false;
     }
     /* A fragments of the mma scan, sized for the stage with the most probe rows (allocated
      * before any launch: a growing slot is freed and reallocated) */
@@ -1295,6 +1305,7 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
         mkv.pc_lc = kv->pc_lc;
     }
 
+    int prev_stride = -1, frag_state = 0; /* frag_state: 1 / 2 = frag holds the first / both sets */
     for (int s = first_stage; s < S; s++) {
         const hip_stage *hs = &lc->stages[s];
         mask_stage_params p;
@@ -1325,9 +1336,18 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
         p.score = score;
         p.rep = rep;
 
-        prep_kernel<<<dim3((unsigned)n_qblk, (unsigned)H), 128, 0, st>>>(p, rope, q_dev);
-        int rc = mask_fail_launch("prep_kernel");
-        if (rc) return rc;
+        /* the probe rows of the previous stage serve again when they are the same rows: same
+         * pooling stride, and the queries' pruning position does not depend on the stage (true
+         * positions, or the relative mode) — stages 0 and 1 of the default configuration */
+        const bool same_rows =
+            s > first_stage && hs->block_stride_q == prev_stride && (!p.using_extend || p.relative);
+        prev_stride = hs->block_stride_q;
+        int rc = 0;
+        if (!same_rows) {
+            prep_kernel<<<dim3((unsigned)n_qblk, (unsigned)H), 128, 0, st>>>(p, rope, q_dev);
+            rc = mask_fail_launch("prep_kernel");
+            if (rc) return rc;
+        }
         prof_mark(&prof, st);
         if (ub[s] > 0) {
             if (ub[s] > INT32_MAX) return -EINVAL;
@@ -1348,18 +1368,26 @@ int cuda_hip_mask_estimate(const cuda_hip_args *a, const float *q_dev, int64_t p
                     const bool rowrot = MT == 1;
                     /* super-blocks of mmr_sb groups of 8 chunks, in CTAs of 64 */
                     const int sbw = (mmr_sb + MMR_NG - 1) / MMR_NG;
+                    /* stage 0 (many passes per chunk): both fragment sets in registers */
+                    const bool a0r = rowrot && s == 0 && mmr_a0r;
+                    /* the fragments of the same rows made for the previous stage serve again */
+                    const int fstate = rowrot ? 2 : 1;
+                    const bool fresh = !(same_rows && frag_state == fstate);
+                    frag_state = fstate;
                     if (d == 128) {
-                        frag_kernel<4><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, rowrot);
-                        rc = scan_mmr_launch<4>(fp8, rowrot, st, p, rope, mkv, frag, part, MT, (int)n_qblk, sbw);
+                        if (fresh) frag_kernel<4><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, rowrot);
+                        rc = scan_mmr_launch<4>(fp8, rowrot, a0r, st, p, rope, mkv, frag, part, MT, (int)n_qblk, sbw);
                     } else {
-                        frag_kernel<2><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, rowrot);
-                        rc = scan_mmr_launch<2>(fp8, rowrot, st, p, rope, mkv, frag, part, MT, (int)n_qblk, sbw);
+                        if (fresh) frag_kernel<2><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, rowrot);
+                        rc = scan_mmr_launch<2>(fp8, rowrot, a0r, st, p, rope, mkv, frag, part, MT, (int)n_qblk, sbw);
                     }
                     if (rc) return rc;
                 } else if (d == 128) {
+                    frag_state = 0;
                     frag_kernel<4><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, 0);
                     scan_mma_launch<4>(norm, fp8, mgrid, msm, st, p, rope, mkv, frag, MT, n_grp, (int)n_qblk);
                 } else {
+                    frag_state = 0;
                     frag_kernel<2><<<fgrid, 256, 0, st>>>(p, frag, MT, (int)n_qblk, rope, 0);
                     scan_mma_launch<2>(norm, fp8, mgrid, msm, st, p, rope, mkv, frag, MT, n_grp, (int)n_qblk);
                 }
