@@ -3,28 +3,34 @@
  * block-sparse attention: FlashAttention-2-style tiles on mma.sync m16n8k16 bf16 -> fp32.
  *
  * Design
- *   - One block = 128 rows (QT = 128/G queries x the G heads of one KV group) x every key of
- *     its list; 8 warps, each owning 16 rows. Key tiles of 64 keys.
+ *   - One block = 128 MW rows (QT = 128 MW / G queries x the G heads of one KV group) x every
+ *     key of its list; 8 warps, each owning MW m-tiles of 16 rows (MW = 2 at d 128: the copies
+ *     and rotation of a key tile serve twice the rows; 1 at d 64, where 128 registers fit two
+ *     blocks per SM). Key tiles of 64 keys.
  *   - The key list is the one of the fp32 kernel (attn-kernels.cuh): logical index n ->
  *     (token t, rotation position vpos, set); dense: t = vpos = n for n <= last query; BSA:
  *     ak_bsa_key of the query block. Masking per (query, key) with ak_valid, exactly as there.
  *     A tile whose every key is valid for the first and the last query of the block is valid
  *     for all of them (validity is an interval in p for every set) and skips the masking.
  *   - Queries: rotated once at their positions in fp32, scaled by scale*log2(e) (softmax in
- *     base 2), rounded to bf16, kept in registers as A fragments for the whole key loop.
+ *     base 2), rounded to bf16; MW = 1: kept in registers as A fragments for the whole key
+ *     loop; MW = 2: kept in shared memory, A fragments by ldmatrix.x4 per k-step (no room in
+ *     registers beside two m-tiles' accumulators: 255 registers, no spills).
  *   - K/V: bf16 tiles [64][D + 8] in shared memory (8 bf16 of padding: the 8 rows an ldmatrix
  *     phase reads start 4 banks apart), three buffers, one barrier per tile: in step t every
  *     thread issues the copies of tile t + 2 (bf16: cp.async, zero-filled for masked keys; fp8:
  *     converted, value * scale -> bf16, through registers), rotates its own landed chunks of
  *     tile t + 1 in place (bf16 -> fp32, rotate, -> bf16), and computes tile t. Thread tid owns
- *     key tid / 4 of every tile and D / 32 of its 16-byte chunks, chosen so that both elements of
- *     every rotation pair are its own (NORM: adjacent chunks; NEOX, n_rot = d only: chunks of the
- *     two halves), so a rotation needs no barrier after the copies land. (Until 2026-11-29: two
- *     buffers, the whole block rotating each tile between barriers, four barriers per tile, and
- *     the H200 ran it at 31 % issue utilisation.) cos/sin: one exact row per tile (vpos of the
- *     tile's first key, computed with the copies of the tile) times a 64-position table in
- *     shared memory (angle addition); keys whose vpos is not within 64 of the tile's first one
- *     (set boundaries, clamped positions) compute their angle directly (ak_cs, exact).
+ *     key tid / 4 of every tile and D / 32 of its 16-byte chunks (tid % 4 + 4 i), chosen so that
+ *     both elements of every rotation pair are its own (NORM: a pair lies in one chunk; NEOX,
+ *     n_rot = d only: chunks c and c + D / 16 of the two halves), so a rotation needs no barrier
+ *     after the copies land; the selection entry a key reads is loaded a step before its copy.
+ *     (Until 2026-11-29: two buffers, the whole block rotating each tile between barriers, four
+ *     barriers per tile, and the H200 ran it at 31 % issue utilisation.) cos/sin: one exact row
+ *     per tile (vpos of the tile's first key, computed by warp 0 with the copies of the tile)
+ *     times a 64-position table in shared memory (angle addition); keys whose vpos is not
+ *     within 64 of the tile's first one (set boundaries, clamped positions) compute their angle
+ *     directly (ak_cs, exact).
  *   - S = Q K^T with mma (K fragments by ldmatrix.x4), online softmax in fp32 on the
  *     accumulators (row max/sum over the 4 lanes of a row with two xor shuffles), P rounded to
  *     bf16 and reused in registers as the A fragments of O += P V (V fragments by
@@ -503,8 +509,8 @@ int ak_prefill_mma(const attn_params *P, int dense, cudaStream_t st)
     /* each thread rotates the chunks it loads: NEOX pairs must be the two halves */
     if (P->inv_freq && P->rope_style == CPU_ROPE_NEOX && P->n_rot != P->d) return -ENOTSUP;
     /* d 128: two m-tiles per warp (256 rows per block: the tile's copies and rotation serve
-     * twice the rows; H200: BSA 14.5 -> see RESULTS.md) unless IHIP_ATTN_PF_MW=1; d 64: one
-     * (two blocks per SM) */
+     * twice the rows; H200, 32K queries at 1M: BSA 14.6 -> 11.3 ms, dense 3.46 -> 2.60 s)
+     * unless IHIP_ATTN_PF_MW=1; d 64: one (128 registers, two blocks per SM) */
     const char *emw = getenv("IHIP_ATTN_PF_MW");
     const int mw = P->d == 128 && !(emw && strcmp(emw, "1") == 0) ? 2 : 1;
     const int qt = PF_ROWS * mw / P->G;

@@ -404,20 +404,20 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 3)
  * lists).
  *
  * Layout: one CTA per (64 candidate chunks, query block, KV head g), wph warps per head of the
- * KV group (rounds of at most MMR_NW heads; wph = 1 with one m-tile, 2 with several: on the
- * H200 two warps per head made stage 2 1.1x faster and stages 0-1 1.05x slower). A round puts its heads' first fragment sets in
- * shared memory (and each warp, ROWROT, the second set in registers) once; a head's warps then
- * descend its 64 chunks 8 at a time (wph = 2: every other pass of 8); lane (gid, tig) loads chunk gid's
- * left and right probe keys (dims 32q + 8tig .. + 7) as the B columns gid of two n8 tiles (left
- * tile against A0, right tile against A1); C gives lane (gid, tig) rows gid, gid + 8 of chunks
- * 2tig, 2tig + 1, reduced over gid by shuffles; the 4 lanes of chunk gid hold its descent
- * state. The heads of
- * the group are reduced in the CTA into part[g][b][c] (mm_part), the groups by
- * mm_part_reduce_kernel — the same first-max over the heads in head order as the exact kernels.
- * Why this layout (H200, ncu, 2026-11-29): with one CTA over all 32 heads of 8 chunks the
- * stage-0 scan had an L2 hit rate of 52 % (the keys probed by the query blocks in flight were
- * those of all 8 KV heads: ~128 MB per super-block of chunks) and reloaded A0 from L1 every
- * pass; now the CTAs in flight share one KV head's keys, and A0 is read from shared memory.
+ * KV group (rounds of at most MMR_NW heads; wph = 1 with one m-tile, 2 with several: on the H200
+ * two warps per head made stage 2 1.1x faster and stages 0-1 1.05x slower). A round puts its
+ * heads' first fragment sets in shared memory (A0R, stage 0: in registers, with 12 warps per SM;
+ * ncu had shown L1/TEX 91 % busy with A0 read from shared memory every pass) and each warp,
+ * ROWROT, its second set in registers, once; a head's warps then descend its 64 chunks 8 at a
+ * time (wph = 2: every other pass of 8). Lane (gid, tig) loads chunk gid's left and right probe
+ * keys (dims 32q + 8tig .. + 7) as the B columns gid of two n8 tiles (left tile against A0, right
+ * tile against A1); C gives lane (gid, tig) rows gid, gid + 8 of chunks 2tig, 2tig + 1, reduced
+ * over gid by shuffles; the 4 lanes of chunk gid hold its descent state. The heads of the group
+ * are reduced in the CTA into part[g][b][c] (mm_part), the groups by mm_part_reduce_kernel — the
+ * same first-max over the heads in head order as the exact kernels. Why per KV group (H200, ncu,
+ * 2026-11-29): with one CTA over all 32 heads of 8 chunks the stage-0 scan had an L2 hit rate of
+ * 52 % (the keys probed by the query blocks in flight were those of all 8 KV heads: ~128 MB per
+ * super-block of chunks); per KV group it is 95 %.
  *
  * ROWROT = false (stages with several m-tiles of probe rows, where the second fragment set
  * would double the fragment traffic): only the first set; the right keys are rotated to
