@@ -1107,7 +1107,7 @@ static void scan_mma_launch(bool norm, bool fp8, unsigned grid, size_t smem, cud
     else scan_mma_kernel<Q, false, false><<<grid, nt, smem, st>>>(p, rope, kv, frag, MT, n_grp, n_qblk);
 }
 
-/* scan_mmr_kernel<d / 32, FP8, ROWROT> over grid (n_grp64 * n_qblk, Hkv), then the reduction of
+/* scan_mmr_kernel<d / 32, FP8, ROWROT, A0R> over grid (n_grp64 * n_qblk, Hkv), then the reduction of
  * the KV groups' results */
 template <int Q>
 static int scan_mmr_launch(bool fp8, bool rowrot, bool a0r, cudaStream_t st, const mask_stage_params &p,
