@@ -276,11 +276,11 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, 3)
         if (hoist) mm_frag_a(a, fh, 2 * Q, lane);
 
         for (int it = 0; it < maxpass; it++) {
-            if (it >= np || !(l <= lim_thr && l < r)) alive = false;
+            if (it >= np || !mask_runs(l, r, lim_thr)) alive = false;
             if (!__any_sync(0xffffffffu, alive)) break;
-            const int mid = (l + r) >> 1; /* both >= 0 */
-            const int pl = (l + mid) >> 1, pr = (mid + r) >> 1;
-            const bool hl = alive && pl < lim_T, hr = alive && pr < lim_T;
+            int mid, pl, pr;
+            bool hl, hr;
+            mask_probe(l, r, alive, lim_T, mid, pl, pr, hl, hr);
             const bool have = kside ? hr : hl;
             /* branch-free: a key that is not probed loads token 0 (its column's maxima are
              * replaced by -inf below; columns of an mma do not mix) */
@@ -500,11 +500,11 @@ static __global__ void __launch_bounds__(A0R ? MMR_NW * 32 : MMR_NW * MMR_WPH * 
             bool any = false, alive = c < n, wl = false;
             uint32_t bl[2 * Q][2], br[2 * Q][2];
             for (int it = 0; it < maxpass; it++) {
-                if (it >= np || !(l <= lim_thr && l < r)) alive = false;
+                if (it >= np || !mask_runs(l, r, lim_thr)) alive = false;
                 if (!__any_sync(0xffffffffu, alive)) break;
-                const int mid = (l + r) >> 1; /* both >= 0 */
-                const int pl = (l + mid) >> 1, pr = (mid + r) >> 1;
-                const bool hl = alive && pl < lim_T, hr = alive && pr < lim_T;
+                int mid, pl, pr;
+                bool hl, hr;
+                mask_probe(l, r, alive, lim_T, mid, pl, pr, hl, hr);
                 /* a key that is not probed loads token 0; its scores are replaced by -inf below */
                 const int64_t tl = hl ? L0 + pl : 0, tr = hr ? L0 + pr : 0;
                 const uint8_t *rl = (contig ? kb + (size_t)tl * tstride : kv_key(kv, tl, g)) + eoff;

@@ -210,6 +210,24 @@ static __device__ __forceinline__ mask_chunk mask_chunk_of(const mask_stage_para
     return k;
 }
 
+/* One pass of a candidate's 32-bit descent [l, r): the midpoint, the left / right probe offsets,
+ * and whether each probe key is probed (the descent alive and the key below T). The descent
+ * stays alive while l <= lim_thr and l < r. */
+static __device__ __forceinline__ bool mask_runs(int l, int r, int lim_thr)
+{
+    return l <= lim_thr && l < r;
+}
+
+static __device__ __forceinline__ void mask_probe(int l, int r, bool alive, int lim_T, int &mid, int &pl,
+                                                  int &pr, bool &hl, bool &hr)
+{
+    mid = (l + r) >> 1; /* both >= 0 */
+    pl = (l + mid) >> 1;
+    pr = (mid + r) >> 1;
+    hl = alive && pl < lim_T;
+    hr = alive && pr < lim_T;
+}
+
 /* ---- prep: probe rows (§2.3) ------------------------------------------------------------------ */
 
 /* rows[b][h][r][e] = mean over the queries i of group r of RoPE(scale * q[i][h], qpos(i)). */
@@ -564,7 +582,7 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
             bool some = false;
 #pragma unroll
             for (int j = 0; j < NH; j++) {
-                if (!(lo[j] <= lim_thr && lo[j] < ro[j])) alive[j] = false; /* = break */
+                if (!mask_runs(lo[j], ro[j], lim_thr)) alive[j] = false; /* = break */
                 some |= alive[j];
             }
             if (!some) break;
@@ -574,10 +592,8 @@ static __global__ void __launch_bounds__(MASK_SCAN_WARPS * 32, NH == 1 ? 5 : 4)
             const uint8_t *row[NH]; /* the probed key's row, from element sub on */
 #pragma unroll
             for (int j = 0; j < NH; j++) {
-                mo[j] = (lo[j] + ro[j]) >> 1; /* both >= 0 while alive */
-                const int pl = (lo[j] + mo[j]) >> 1, pr = (mo[j] + ro[j]) >> 1;
-                hl[j] = alive[j] && pl < lim_T;
-                hr[j] = alive[j] && pr < lim_T;
+                int pl, pr;
+                mask_probe(lo[j], ro[j], alive[j], lim_T, mo[j], pl, pr, hl[j], hr[j]);
                 have[j] = side ? hr[j] : hl[j];
                 /* branch-free: a key that is not probed loads token 0 (valid); its score is
                  * replaced by -inf below */
